@@ -1,0 +1,270 @@
+//! Ingest: the handle sources give signals to, and the group-commit writer
+//! behind it.
+//!
+//! # Design
+//! Sources call [`Ingest::enqueue_alarm`] (or [`Ingest::enqueue_quarantine`])
+//! in arrival order. Enqueueing waits for room in a bounded queue — that is
+//! the back-pressure on sources: alarms are never dropped, and a source that
+//! cannot enqueue stops reading. It returns a [`Pending`] that resolves once
+//! the signal's batch has committed.
+//!
+//! One writer task ([`Writer::run`]) drains the queue into batches: it takes
+//! whatever is queued, waits at most `batch_wait` for more (up to
+//! `batch_max`), writes the batch in one transaction and then answers every
+//! sender. While a batch commits, the next one gathers, so under load batches
+//! grow by themselves and throughput follows. Batches are committed in queue
+//! order, so answers come back in the order signals were enqueued.
+//!
+//! When a commit fails every sender of that batch gets an error and must not
+//! acknowledge its signal (the device or broker will send it again).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::clock::SharedClock;
+use crate::config::IngestConfig;
+use crate::events;
+use crate::metrics::Metrics;
+use crate::model::{AlarmId, NewAlarm};
+use crate::store::{AlarmOutcome, Batch, QuarantineEntry, Store};
+
+/// What became of an alarm handed to ingest. Both mean "safe in the store".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestOutcome {
+    /// Stored as a new alarm.
+    Accepted(AlarmId),
+    /// The same alarm was already stored; this is its id.
+    Duplicate(AlarmId),
+}
+
+impl IngestOutcome {
+    pub fn alarm_id(self) -> AlarmId {
+        match self {
+            IngestOutcome::Accepted(id) | IngestOutcome::Duplicate(id) => id,
+        }
+    }
+}
+
+/// Why a signal was not committed. The sender must not be acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IngestError {
+    #[error("ingest has shut down")]
+    Closed,
+    #[error("the store could not commit: {0}")]
+    Store(String),
+}
+
+type AlarmReply = oneshot::Sender<Result<IngestOutcome, IngestError>>;
+type QuarantineReply = oneshot::Sender<Result<(), IngestError>>;
+
+enum Job {
+    Alarm(NewAlarm, AlarmReply),
+    Quarantine(QuarantineEntry, QuarantineReply),
+}
+
+/// A signal waiting for its batch to commit.
+pub struct Pending<T> {
+    rx: oneshot::Receiver<Result<T, IngestError>>,
+}
+
+impl<T> Pending<T> {
+    /// A result that is known already (for input that needs no commit).
+    pub fn ready(value: Result<T, IngestError>) -> Pending<T> {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(value);
+        Pending { rx }
+    }
+
+    /// Waits for the commit.
+    ///
+    /// # Errors
+    /// [`IngestError`] when the batch did not commit or the writer stopped.
+    pub async fn wait(self) -> Result<T, IngestError> {
+        self.rx.await.unwrap_or(Err(IngestError::Closed))
+    }
+}
+
+/// The handle sources hold. Cheap to clone; when the last clone is dropped
+/// the writer finishes the queue and stops.
+#[derive(Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Ingest {
+    /// Queues an alarm for the next batch, waiting while the queue is full.
+    ///
+    /// # Errors
+    /// [`IngestError::Closed`] when the writer has stopped.
+    pub async fn enqueue_alarm(
+        &self,
+        alarm: NewAlarm,
+    ) -> Result<Pending<IngestOutcome>, IngestError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Alarm(alarm, tx))
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(Pending { rx })
+    }
+
+    /// Queues a quarantine entry for the next batch.
+    ///
+    /// # Errors
+    /// [`IngestError::Closed`] when the writer has stopped.
+    pub async fn enqueue_quarantine(
+        &self,
+        entry: QuarantineEntry,
+    ) -> Result<Pending<()>, IngestError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Job::Quarantine(entry, tx))
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(Pending { rx })
+    }
+
+    /// Stores an alarm and waits for the commit.
+    ///
+    /// # Errors
+    /// As [`Pending::wait`].
+    pub async fn submit(&self, alarm: NewAlarm) -> Result<IngestOutcome, IngestError> {
+        self.enqueue_alarm(alarm).await?.wait().await
+    }
+}
+
+/// The group-commit writer: the only task that writes new alarms.
+pub struct Writer {
+    rx: mpsc::Receiver<Job>,
+    store: Store,
+    config: IngestConfig,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+}
+
+/// Creates the ingest handle and its writer; spawn [`Writer::run`].
+pub fn channel(
+    store: Store,
+    config: IngestConfig,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+) -> (Ingest, Writer) {
+    let (tx, rx) = mpsc::channel(config.queue.max(1));
+    (
+        Ingest { tx },
+        Writer {
+            rx,
+            store,
+            config,
+            clock,
+            metrics,
+        },
+    )
+}
+
+impl Writer {
+    /// Commits batches until every [`Ingest`] handle is dropped and the
+    /// queue is empty.
+    pub async fn run(mut self) {
+        let max = self.config.batch_max.max(1);
+        let mut jobs: Vec<Job> = Vec::with_capacity(max);
+        loop {
+            if self.rx.recv_many(&mut jobs, max).await == 0 {
+                break;
+            }
+            self.gather(&mut jobs, max).await;
+            self.commit(&mut jobs).await;
+        }
+        tracing::debug!("ingest writer stopped");
+    }
+
+    /// Waits up to `batch_wait` for the batch to fill.
+    async fn gather(&mut self, jobs: &mut Vec<Job>, max: usize) {
+        if self.config.batch_wait == Duration::ZERO {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + self.config.batch_wait;
+        while jobs.len() < max {
+            let room = max - jobs.len();
+            match tokio::time::timeout_at(deadline, self.rx.recv_many(jobs, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    async fn commit(&mut self, jobs: &mut Vec<Job>) {
+        let now = self.clock.now();
+        let mut batch = Batch::default();
+        let mut alarm_replies = Vec::new();
+        let mut quarantine_replies = Vec::new();
+        for job in jobs.drain(..) {
+            match job {
+                Job::Alarm(alarm, reply) => {
+                    batch.alarms.push((AlarmId::new_v7(), alarm));
+                    alarm_replies.push(reply);
+                }
+                Job::Quarantine(entry, reply) => {
+                    batch.quarantine.push(entry);
+                    quarantine_replies.push(reply);
+                }
+            }
+        }
+        let since = dedupe_since(now, self.config.dedupe_window);
+        match self.store.commit_batch(&batch, now, since).await {
+            Ok(outcomes) => {
+                Metrics::inc(&self.metrics.store_commits);
+                Metrics::add(&self.metrics.quarantined, batch.quarantine.len() as u64);
+                for (((_, alarm), outcome), reply) in
+                    batch.alarms.iter().zip(outcomes).zip(alarm_replies)
+                {
+                    let answer = match outcome {
+                        AlarmOutcome::Stored(id) => {
+                            events::AlarmStored {
+                                id,
+                                alarm,
+                                stored_at: now,
+                            }
+                            .emit(&self.metrics);
+                            IngestOutcome::Accepted(id)
+                        }
+                        AlarmOutcome::Duplicate(id) => {
+                            events::DuplicateReceived { id, alarm }.emit(&self.metrics);
+                            IngestOutcome::Duplicate(id)
+                        }
+                    };
+                    let _ = reply.send(Ok(answer));
+                }
+                for reply in quarantine_replies {
+                    let _ = reply.send(Ok(()));
+                }
+            }
+            Err(err) => {
+                Metrics::inc(&self.metrics.store_commit_failures);
+                let message = err.to_string();
+                tracing::error!(
+                    error = %message,
+                    alarms = batch.alarms.len(),
+                    quarantined = batch.quarantine.len(),
+                    "store commit failed; senders are not acknowledged and will re-send"
+                );
+                for reply in alarm_replies {
+                    let _ = reply.send(Err(IngestError::Store(message.clone())));
+                }
+                for reply in quarantine_replies {
+                    let _ = reply.send(Err(IngestError::Store(message.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn dedupe_since(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
+    chrono::Duration::from_std(window)
+        .ok()
+        .and_then(|w| now.checked_sub_signed(w))
+        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}

@@ -1,0 +1,50 @@
+//! telegate: the alarm-monitoring gateway of a commissioned telecare service.
+//!
+//! Signals from alarm units, pendants, fall detectors, environmental sensors
+//! and alarm receivers arrive over MQTT and serial lines. telegate normalises
+//! each into one [`model::Alarm`], stores it durably, routes it to the
+//! provider contracted for that client at that moment, delivers it, and keeps
+//! every stage's timestamp so that service levels can be checked.
+//!
+//! # The map, in data-flow order
+//!
+//! | stage | module | what it does |
+//! | --- | --- | --- |
+//! | source | [`source`] | MQTT topics (and later serial ports) in; frames become typed wire messages |
+//! | ingest | [`ingest`] | wire message → [`model::NewAlarm`] ([`taxonomy`] maps codes), handed to the store's group commit; the sender is answered after the commit |
+//! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite (PostgreSQL later), migrated at start |
+//! | route | — | the contract in force for the tenant on the alarm's date (next) |
+//! | deliver | — | signed webhooks with retries and failover (next) |
+//! | sla | — | service levels from the stage timestamps (later) |
+//! | report | — | contract managers' reports (later) |
+//!
+//! Around them: [`config`] (checked before use), [`app`] (wires and spawns
+//! the pipeline; read it top to bottom), [`broker`] (the embedded MQTT broker
+//! for demos and tests), [`metrics`] and [`events`] (what the gateway reports
+//! about itself), [`clock`] (injected wall-clock time).
+//!
+//! # The guarantees (DESIGN.md)
+//!
+//! 1. No alarm is lost: a signal is acknowledged to its sender only after it
+//!    is committed to the store.
+//! 2. Every stored alarm reaches a provider or an operator's attention.
+//! 3. At-least-once delivery, de-duplicated: a re-send gets the same alarm id.
+//! 4. Life first: priority lanes from routing on.
+//! 5. Every stage is timestamped in the store.
+//! 6. Bad input never stops the gateway: it is rejected, counted, logged and
+//!    quarantined.
+//! 7. Configuration is checked before it is used, all problems at once.
+//! 8. Least privilege; secrets never appear in logs.
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod events;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod source;
+pub mod store;
+pub mod taxonomy;

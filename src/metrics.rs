@@ -1,0 +1,139 @@
+//! Counters the gateway keeps about itself.
+//!
+//! Every counter is a plain atomic so that the hot path pays one relaxed
+//! increment. [`Metrics::render`] writes them in the Prometheus text format
+//! for the API's `/metrics` endpoint; tests read them directly.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::source::mqtt::payload::RejectReason;
+
+/// The gateway's counters. Shared behind an `Arc`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// PUBLISH packets taken from MQTT sources (alarms, heartbeats, status).
+    pub mqtt_messages: AtomicU64,
+    /// Alarms committed as new rows.
+    pub alarms_stored: AtomicU64,
+    /// Re-sends recognised as an alarm already stored.
+    pub alarms_duplicate: AtomicU64,
+    /// Heartbeats received.
+    pub heartbeats: AtomicU64,
+    /// Retained messages replayed by the broker and not taken as new signals.
+    pub retained_ignored: AtomicU64,
+    /// Payloads and topics rejected, by reason (indexed by `RejectReason as usize`).
+    pub rejected: [AtomicU64; RejectReason::COUNT],
+    /// Rows written to the quarantine table.
+    pub quarantined: AtomicU64,
+    /// `device_fault` alarms raised for devices that sent broken payloads.
+    pub device_faults_raised: AtomicU64,
+    /// Optional fields dropped because their value was bad.
+    pub fields_dropped: AtomicU64,
+    /// Group-commit transactions committed.
+    pub store_commits: AtomicU64,
+    /// Group-commit transactions that failed (their senders got no answer).
+    pub store_commit_failures: AtomicU64,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// How many payloads were rejected for `reason`.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        Metrics::get(&self.rejected[reason as usize])
+    }
+
+    /// All rejections, whatever the reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(Metrics::get).sum()
+    }
+
+    /// The counters in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let plain: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "telegate_mqtt_messages_total",
+                "MQTT PUBLISH packets received",
+                &self.mqtt_messages,
+            ),
+            (
+                "telegate_alarms_stored_total",
+                "alarms committed to the store",
+                &self.alarms_stored,
+            ),
+            (
+                "telegate_alarms_duplicate_total",
+                "re-sends answered as duplicates",
+                &self.alarms_duplicate,
+            ),
+            (
+                "telegate_heartbeats_total",
+                "heartbeats received",
+                &self.heartbeats,
+            ),
+            (
+                "telegate_retained_ignored_total",
+                "retained replays not taken as signals",
+                &self.retained_ignored,
+            ),
+            (
+                "telegate_quarantined_total",
+                "rows written to quarantine",
+                &self.quarantined,
+            ),
+            (
+                "telegate_device_faults_raised_total",
+                "device_fault alarms raised for broken input",
+                &self.device_faults_raised,
+            ),
+            (
+                "telegate_fields_dropped_total",
+                "optional fields dropped for bad values",
+                &self.fields_dropped,
+            ),
+            (
+                "telegate_store_commits_total",
+                "group-commit transactions committed",
+                &self.store_commits,
+            ),
+            (
+                "telegate_store_commit_failures_total",
+                "group-commit transactions that failed",
+                &self.store_commit_failures,
+            ),
+        ];
+        for (name, help, counter) in plain {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                Metrics::get(counter)
+            );
+        }
+        let name = "telegate_rejected_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} payloads rejected, by reason\n# TYPE {name} counter"
+        );
+        for reason in RejectReason::ALL {
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                reason.as_str(),
+                self.rejected(reason)
+            );
+        }
+        out
+    }
+}

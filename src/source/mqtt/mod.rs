@@ -1,0 +1,641 @@
+//! The MQTT source: device topics in, `…/ack` replies out.
+//!
+//! # Design
+//! Three loops run together in [`MqttSource::run`]:
+//! - the **poller** owns the subscribing connection (persistent session,
+//!   manual acknowledgements). For each PUBLISH it parses the topic and
+//!   payload, hands the result to ingest in arrival order and passes a
+//!   ticket to the acknowledger. It never awaits anything on its own MQTT
+//!   connection (rumqttc can deadlock when the polling task awaits a request).
+//! - the **acknowledger** takes tickets in arrival order, waits for each
+//!   commit and only then sends the PUBACK to the broker (so PUBACKs go out
+//!   in the order the broker sent the messages, as MQTT and rumqttd require),
+//!   and queues the device's reply.
+//! - the **replier** publishes replies on a second connection, because
+//!   acknowledgements and publishes would otherwise share one request channel.
+//!
+//! When a commit fails, nothing is acknowledged and no reply is sent: the
+//! acknowledger marks the connection as failed and the poller drops it.
+//! The broker keeps the unacknowledged messages in the persistent session and
+//! sends them again after the reconnect (and devices re-send anyway).
+//!
+//! Every connection gets a fresh client, so a PUBACK meant for one
+//! connection can never be sent on the next one, where packet ids restart.
+//!
+//! Queues: the ticket and request channels hold up to 65,535 entries, the
+//! most packet ids a connection can have outstanding, so neither can fill
+//! and block the poller; back-pressure comes from the bounded ingest queue,
+//! which makes the poller stop reading until the store catches up.
+
+pub mod payload;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use rumqttc::{
+    AsyncClient, ConnAck, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet,
+    Publish, QoS, SubscribeFilter,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use self::payload::{
+    ack_topic, normalise, parse_alarm, parse_heartbeat, parse_topic, RejectReason, Rejection,
+    Reply, TopicKind, MAX_PAYLOAD,
+};
+use crate::clock::SharedClock;
+use crate::config::MqttConfig;
+use crate::events;
+use crate::ingest::{Ingest, IngestOutcome, Pending};
+use crate::metrics::Metrics;
+use crate::model::{AlarmClass, AlarmDetails, DedupeKey, NewAlarm, SourceKind, SourceRef};
+use crate::source::Readiness;
+use crate::store::QuarantineEntry;
+use crate::taxonomy::CodeTable;
+
+/// Outstanding packet ids a connection can have: the bound of the ticket and
+/// request channels.
+const MAX_OUTSTANDING: usize = 65_535;
+/// Largest packet read or written; above the payload limit so that an
+/// oversized payload is rejected with a reason instead of dropping the link.
+const MAX_PACKET: usize = 256 * 1024;
+/// Replies waiting to be published.
+const REPLY_QUEUE: usize = 10_000;
+/// A device gets at most one `device_fault` alarm per this period.
+const FAULT_PERIOD: chrono::Duration = chrono::Duration::hours(1);
+/// How long shutdown waits for acknowledgements and replies to go out.
+const FLUSH_GRACE: Duration = Duration::from_secs(5);
+
+/// One MQTT source, built from a `[[mqtt]]` entry.
+pub struct MqttSource {
+    config: MqttConfig,
+    ingest: Ingest,
+    table: Arc<CodeTable>,
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+}
+
+/// What the acknowledger must wait for before acknowledging a message.
+enum Work {
+    /// Nothing to commit (heartbeat, status, retained replay).
+    Nothing,
+    /// An alarm; answer the device after the commit.
+    Alarm {
+        pending: Pending<IngestOutcome>,
+        reply_topic: String,
+        seq: u64,
+    },
+    /// Quarantined input; answer `rejected` after the commit when there is
+    /// a device to answer.
+    Quarantined {
+        pending: Pending<()>,
+        reply: Option<(String, Reply)>,
+    },
+}
+
+enum Ticket {
+    Message {
+        /// Which connection the message came on.
+        epoch: u64,
+        client: AsyncClient,
+        publish: Publish,
+        work: Work,
+    },
+    /// Answered once every earlier ticket has been handled.
+    Flush(oneshot::Sender<()>),
+}
+
+/// How one connection ended.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+impl MqttSource {
+    pub fn new(
+        config: MqttConfig,
+        ingest: Ingest,
+        table: Arc<CodeTable>,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+    ) -> MqttSource {
+        MqttSource {
+            config,
+            ingest,
+            table,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Runs until `cancel` fires, then acknowledges what was committed and
+    /// stops.
+    pub async fn run(self, ready: Readiness, cancel: CancellationToken) {
+        let (ticket_tx, ticket_rx) = mpsc::channel(MAX_OUTSTANDING);
+        let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
+        let (failed_tx, failed_rx) = watch::channel(0u64);
+        let replier = run_replier(self.options(true), reply_rx, self.config.id.clone());
+        let acker = run_acknowledger(ticket_rx, reply_tx, failed_tx);
+        let poller = Poller {
+            source: &self,
+            faults: HashMap::new(),
+            epoch: 0,
+            backoff: Duration::from_millis(100),
+            ready: Some(ready),
+        }
+        .run(ticket_tx, failed_rx, cancel);
+        tokio::join!(poller, acker, replier);
+        tracing::info!(source = %self.config.id, "MQTT source stopped");
+    }
+
+    fn options(&self, replies: bool) -> MqttOptions {
+        let client_id = if replies {
+            format!("{}-replies", self.config.client_id)
+        } else {
+            self.config.client_id.clone()
+        };
+        let mut options = MqttOptions::new(client_id, &self.config.url.host, self.config.url.port);
+        options
+            .set_keep_alive(Duration::from_secs(u64::from(
+                self.config.keep_alive_s.max(5),
+            )))
+            .set_max_packet_size(MAX_PACKET, MAX_PACKET)
+            .set_clean_session(replies)
+            .set_manual_acks(!replies);
+        if let Some(user) = &self.config.username {
+            let password = self
+                .config
+                .password
+                .as_ref()
+                .map(|p| p.expose().to_owned())
+                .unwrap_or_default();
+            options.set_credentials(user.clone(), password);
+        }
+        options
+    }
+
+    fn filters(&self) -> Vec<SubscribeFilter> {
+        ["alarm", "heartbeat", "status"]
+            .into_iter()
+            .map(|kind| {
+                let topic = format!("telecare/+/+/{kind}");
+                let path = match &self.config.shared_group {
+                    Some(group) => format!("$share/{group}/{topic}"),
+                    None => topic,
+                };
+                SubscribeFilter::new(path, QoS::AtLeastOnce)
+            })
+            .collect()
+    }
+}
+
+struct Poller<'a> {
+    source: &'a MqttSource,
+    /// When each device last got a `device_fault` alarm for broken input.
+    faults: HashMap<(String, String), DateTime<Utc>>,
+    /// Counts connections; tickets carry it so that a failed connection's
+    /// messages are never acknowledged on a later one.
+    epoch: u64,
+    /// Wait before the next reconnect; reset when a connection is accepted.
+    backoff: Duration,
+    /// Reported (then dropped) the first time the subscriptions are in place.
+    ready: Option<Readiness>,
+}
+
+impl Poller<'_> {
+    async fn run(
+        mut self,
+        tickets: mpsc::Sender<Ticket>,
+        mut failed: watch::Receiver<u64>,
+        cancel: CancellationToken,
+    ) {
+        let id = self.source.config.id.clone();
+        loop {
+            self.epoch += 1;
+            let (client, mut eventloop) =
+                AsyncClient::new(self.source.options(false), MAX_OUTSTANDING);
+            let ended = self
+                .connection(&client, &mut eventloop, &tickets, &mut failed, &cancel)
+                .await;
+            match ended {
+                Ended::Shutdown => break,
+                Ended::Lost(reason) => {
+                    let wait = self.backoff;
+                    tracing::warn!(source = %id, %reason, retry_in_ms = wait.as_millis() as u64, "MQTT connection lost");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    self.backoff = (wait * 2).min(Duration::from_secs(10));
+                }
+            }
+            if cancel.is_cancelled() {
+                break;
+            }
+        }
+    }
+
+    async fn connection(
+        &mut self,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        tickets: &mpsc::Sender<Ticket>,
+        failed: &mut watch::Receiver<u64>,
+        cancel: &CancellationToken,
+    ) -> Ended {
+        let id = &self.source.config.id;
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = cancel.cancelled() => {
+                    self.drain(client, eventloop, tickets).await;
+                    return Ended::Shutdown;
+                }
+                changed = failed.changed() => {
+                    if changed.is_ok() && *failed.borrow_and_update() == self.epoch {
+                        return Ended::Lost("store commit failed; reconnecting so the broker re-sends".into());
+                    }
+                    continue;
+                }
+                event = eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ConnAck {
+                    session_present,
+                    code,
+                }))) => {
+                    if code != ConnectReturnCode::Success {
+                        return Ended::Lost(format!("broker refused the connection: {code:?}"));
+                    }
+                    tracing::info!(source = %id, session_present, "MQTT connected");
+                    self.backoff = Duration::from_millis(100);
+                    // A resumed session keeps its subscriptions; subscribing
+                    // again would replay every retained message.
+                    if session_present {
+                        self.report_ready();
+                    } else if let Err(e) = client.try_subscribe_many(self.source.filters()) {
+                        return Ended::Lost(format!("cannot subscribe: {e}"));
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let work = self.handle(&publish).await;
+                    let ticket = Ticket::Message {
+                        epoch: self.epoch,
+                        client: client.clone(),
+                        publish,
+                        work,
+                    };
+                    if tickets.send(ticket).await.is_err() {
+                        return Ended::Shutdown;
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    tracing::debug!(source = %id, codes = ?ack.return_codes, "subscribed");
+                    self.report_ready();
+                }
+                Ok(_) => {}
+                Err(e) => return Ended::Lost(e.to_string()),
+            }
+        }
+    }
+
+    fn report_ready(&mut self) {
+        if let Some(ready) = self.ready.take() {
+            ready.source_up();
+        }
+    }
+
+    /// Stops taking messages, lets the acknowledger send every PUBACK it
+    /// owes, then disconnects. Messages that arrive meanwhile are left
+    /// unacknowledged for the broker to send again.
+    async fn drain(
+        &self,
+        client: &AsyncClient,
+        eventloop: &mut EventLoop,
+        tickets: &mpsc::Sender<Ticket>,
+    ) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if tickets.send(Ticket::Flush(done_tx)).await.is_err() {
+            return;
+        }
+        let flush = async {
+            let _ = done_rx.await;
+            let _ = client.try_disconnect();
+        };
+        let pump = async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let _ = tokio::time::timeout(FLUSH_GRACE, async { tokio::join!(flush, pump) }).await;
+    }
+
+    /// Turns one PUBLISH into work for ingest, in arrival order.
+    async fn handle(&mut self, publish: &Publish) -> Work {
+        let metrics = &self.source.metrics;
+        Metrics::inc(&metrics.mqtt_messages);
+        let now = self.source.clock.now();
+        let topic = match parse_topic(&publish.topic) {
+            Ok(t) => t,
+            Err(e) => {
+                let rejection = Rejection {
+                    seq: None,
+                    reason: RejectReason::BadTopic,
+                    detail: e.to_string(),
+                };
+                return self.quarantine(publish, None, rejection, now).await;
+            }
+        };
+        if publish.retain {
+            // A stored message replayed on subscribe, not a new signal.
+            Metrics::inc(&metrics.retained_ignored);
+            tracing::debug!(topic = %publish.topic, "retained message ignored");
+            return Work::Nothing;
+        }
+        match topic.kind {
+            TopicKind::Alarm => match parse_alarm(&publish.payload) {
+                Ok(payload) => {
+                    if !payload.dropped.is_empty() {
+                        events::FieldsDropped {
+                            tenant: topic.tenant,
+                            device_id: topic.device_id,
+                            dropped: &payload.dropped,
+                        }
+                        .emit(metrics);
+                    }
+                    let seq = payload.seq;
+                    let alarm = normalise(
+                        &topic,
+                        payload,
+                        &self.source.table,
+                        &self.source.config.id,
+                        now,
+                        publish.payload.to_vec(),
+                    );
+                    let reply_topic = ack_topic(topic.tenant, topic.device_id);
+                    match self.source.ingest.enqueue_alarm(alarm).await {
+                        Ok(pending) => Work::Alarm {
+                            pending,
+                            reply_topic,
+                            seq,
+                        },
+                        Err(e) => Work::Alarm {
+                            pending: Pending::ready(Err(e)),
+                            reply_topic,
+                            seq,
+                        },
+                    }
+                }
+                Err(rejection) => {
+                    let device = (topic.tenant.to_owned(), topic.device_id.to_owned());
+                    self.quarantine(publish, Some(device), rejection, now).await
+                }
+            },
+            TopicKind::Heartbeat => match parse_heartbeat(&publish.payload) {
+                Ok(_) => {
+                    Metrics::inc(&metrics.heartbeats);
+                    Work::Nothing
+                }
+                Err(mut rejection) => {
+                    // Heartbeats get no reply, rejected or not.
+                    rejection.detail = format!("heartbeat: {}", rejection.detail);
+                    let device = (topic.tenant.to_owned(), topic.device_id.to_owned());
+                    match self.quarantine(publish, Some(device), rejection, now).await {
+                        Work::Quarantined { pending, .. } => Work::Quarantined {
+                            pending,
+                            reply: None,
+                        },
+                        other => other,
+                    }
+                }
+            },
+            TopicKind::Status => {
+                tracing::debug!(topic = %publish.topic, "device status");
+                Work::Nothing
+            }
+            TopicKind::Ack => Work::Nothing,
+        }
+    }
+
+    /// Keeps broken input in quarantine, answers the device `rejected` when
+    /// there is one, and raises a `device_fault` for it at most once an hour.
+    async fn quarantine(
+        &mut self,
+        publish: &Publish,
+        device: Option<(String, String)>,
+        rejection: Rejection,
+        now: DateTime<Utc>,
+    ) -> Work {
+        let source = self.source;
+        events::PayloadRejected {
+            source_id: &source.config.id,
+            reference: &publish.topic,
+            reason: rejection.reason,
+            detail: &rejection.detail,
+        }
+        .emit(&source.metrics);
+        let entry = QuarantineEntry {
+            received_at: now,
+            source_kind: SourceKind::Mqtt,
+            source_id: source.config.id.clone(),
+            reference: publish.topic.chars().take(1024).collect(),
+            tenant: device.as_ref().map(|d| d.0.clone()),
+            device_id: device.as_ref().map(|d| d.1.clone()),
+            reason: rejection.reason.as_str().to_owned(),
+            detail: rejection.detail.clone(),
+            raw: publish.payload.to_vec(),
+        };
+        let pending = match source.ingest.enqueue_quarantine(entry).await {
+            Ok(p) => p,
+            Err(e) => Pending::ready(Err(e)),
+        };
+        let Some((tenant, device_id)) = device else {
+            return Work::Quarantined {
+                pending,
+                reply: None,
+            };
+        };
+        self.raise_device_fault(&tenant, &device_id, &publish.payload, &rejection, now)
+            .await;
+        let reply = Reply::Rejected {
+            seq: rejection.seq,
+            reason: rejection.reason_text(),
+        };
+        Work::Quarantined {
+            pending,
+            reply: Some((ack_topic(&tenant, &device_id), reply)),
+        }
+    }
+
+    async fn raise_device_fault(
+        &mut self,
+        tenant: &str,
+        device_id: &str,
+        raw: &[u8],
+        rejection: &Rejection,
+        now: DateTime<Utc>,
+    ) {
+        let key = (tenant.to_owned(), device_id.to_owned());
+        if let Some(last) = self.faults.get(&key) {
+            if now.signed_duration_since(*last) < FAULT_PERIOD {
+                return;
+            }
+        }
+        if self.faults.len() >= 100_000 {
+            self.faults
+                .retain(|_, last| now.signed_duration_since(*last) < FAULT_PERIOD);
+        }
+        self.faults.insert(key, now);
+        events::DeviceFaultRaised {
+            tenant,
+            device_id,
+            reason: rejection.reason,
+        }
+        .emit(&self.source.metrics);
+        let alarm = NewAlarm {
+            tenant: tenant.to_owned(),
+            device_id: device_id.to_owned(),
+            account: None,
+            seq: None,
+            class: AlarmClass::DeviceFault,
+            restore: false,
+            raised_at: None,
+            received_at: now,
+            source: SourceRef {
+                kind: SourceKind::Internal,
+                id: self.source.config.id.clone(),
+                code: format!("bad_input:{}", rejection.reason.as_str()),
+            },
+            details: AlarmDetails {
+                text: Some(format!(
+                    "device sends input the gateway cannot accept: {}",
+                    rejection.reason_text()
+                )),
+                ..AlarmDetails::default()
+            },
+            raw: raw[..raw.len().min(MAX_PAYLOAD)].to_vec(),
+            dedupe_key: DedupeKey::from_parts(&[
+                "fault",
+                tenant,
+                device_id,
+                &now.timestamp_millis().to_string(),
+            ]),
+        };
+        // The fault alarm is stored like any other; nobody waits for it.
+        if let Err(e) = self.source.ingest.enqueue_alarm(alarm).await {
+            tracing::error!(error = %e, tenant, device_id, "cannot queue device_fault alarm");
+        }
+    }
+}
+
+/// Acknowledges messages in arrival order once their work has committed.
+async fn run_acknowledger(
+    mut tickets: mpsc::Receiver<Ticket>,
+    replies: mpsc::Sender<(String, Reply)>,
+    failed: watch::Sender<u64>,
+) {
+    let mut failed_epoch = 0u64;
+    while let Some(ticket) = tickets.recv().await {
+        let (epoch, client, publish, work) = match ticket {
+            Ticket::Flush(done) => {
+                let _ = done.send(());
+                continue;
+            }
+            Ticket::Message {
+                epoch,
+                client,
+                publish,
+                work,
+            } => (epoch, client, publish, work),
+        };
+        let (committed, reply) = match work {
+            Work::Nothing => (true, None),
+            Work::Alarm {
+                pending,
+                reply_topic,
+                seq,
+            } => match pending.wait().await {
+                Ok(IngestOutcome::Accepted(alarm_id)) => {
+                    (true, Some((reply_topic, Reply::Accepted { seq, alarm_id })))
+                }
+                Ok(IngestOutcome::Duplicate(alarm_id)) => (
+                    true,
+                    Some((reply_topic, Reply::Duplicate { seq, alarm_id })),
+                ),
+                Err(_) => (false, None),
+            },
+            Work::Quarantined { pending, reply } => match pending.wait().await {
+                Ok(()) => (true, reply),
+                Err(_) => (false, None),
+            },
+        };
+        if !committed {
+            // Acknowledge nothing more on this connection: the broker must
+            // send this message again, and PUBACKs must stay in order.
+            if failed_epoch != epoch {
+                failed_epoch = epoch;
+                let _ = failed.send(epoch);
+            }
+            continue;
+        }
+        if epoch != failed_epoch {
+            // Fails only when the connection is gone; the broker re-sends.
+            let _ = client.ack(&publish).await;
+        }
+        if let Some(reply) = reply {
+            if replies.send(reply).await.is_err() {
+                tracing::warn!("reply publisher stopped; device replies are not sent");
+            }
+        }
+    }
+}
+
+/// Publishes device replies on a connection of their own.
+async fn run_replier(
+    options: MqttOptions,
+    mut replies: mpsc::Receiver<(String, Reply)>,
+    id: String,
+) {
+    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let done = CancellationToken::new();
+    let publisher = async {
+        while let Some((topic, reply)) = replies.recv().await {
+            if let Err(e) = client
+                .publish(topic, QoS::AtLeastOnce, false, reply.to_json())
+                .await
+            {
+                tracing::warn!(source = %id, error = %e, "cannot queue reply");
+            }
+        }
+        let _ = client.try_disconnect();
+        done.cancel();
+    };
+    let poller = async {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let event = tokio::select! {
+                event = eventloop.poll() => event,
+                () = async { done.cancelled().await; tokio::time::sleep(FLUSH_GRACE).await } => break,
+            };
+            match event {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+                Ok(Event::Incoming(Packet::ConnAck(_))) => backoff = Duration::from_millis(100),
+                Ok(_) => {}
+                Err(e) => {
+                    if done.is_cancelled() {
+                        break;
+                    }
+                    tracing::warn!(source = %id, error = %e, "reply connection lost");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    };
+    tokio::join!(publisher, poller);
+}

@@ -1,0 +1,220 @@
+//! The store: the source of truth for every alarm and what happened to it.
+//!
+//! # Guarantees
+//! - [`Store::commit_batch`] writes a whole group-commit batch (new alarms,
+//!   their outbox rows, quarantine rows) in one transaction. A sender is told
+//!   its alarm is safe only after that transaction has committed; SQLite runs
+//!   in WAL mode with `synchronous=FULL`, so a commit survives a power cut.
+//! - De-duplication (DESIGN.md guarantee 3) happens inside the same
+//!   transaction: a signal whose [`DedupeKey`] matches an alarm received
+//!   within the window gets that alarm's id back instead of a new row.
+//! - Every alarm gets an outbox row in the transaction that stores it, so no
+//!   alarm can sit between "stored" and "queued for delivery".
+//!
+//! # Layout
+//! - `alarms`: one row per alarm, with the ingest timestamps (`raised_at`,
+//!   `received_at`, `stored_at`) as milliseconds since the epoch.
+//! - `alarm_stages`: later stages (routed, attempts, accepted, answered,
+//!   resolved), appended.
+//! - `outbox`: alarms still to deliver, by priority and due time.
+//! - `quarantine`: raw input that could not be accepted, with the reason.
+//!
+//! Backends are a closed set ([`Store`] is an enum); each builds its queries
+//! at run time so that one code base serves SQLite and PostgreSQL.
+
+mod sqlite;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::StoreUrl;
+use crate::model::{Alarm, AlarmId, NewAlarm, SourceKind};
+
+pub use sqlite::SqliteStore;
+
+/// Errors from the store. Any of them means "not committed": the sender must
+/// not be acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot create the folder for {path}: {source}")]
+    CreateDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} stores are not supported yet")]
+    Unsupported(&'static str),
+    #[error("stored row is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Raw input kept for inspection because it could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineEntry {
+    pub received_at: DateTime<Utc>,
+    pub source_kind: SourceKind,
+    pub source_id: String,
+    /// Where it came from within the source: the MQTT topic, the port.
+    pub reference: String,
+    /// Tenant and device, when the input said which.
+    pub tenant: Option<String>,
+    pub device_id: Option<String>,
+    /// A short machine-readable reason (a metric label).
+    pub reason: String,
+    /// The explanation for a person.
+    pub detail: String,
+    pub raw: Vec<u8>,
+}
+
+/// A quarantine row as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuarantineRow {
+    pub id: i64,
+    pub entry: QuarantineEntry,
+}
+
+/// What happened to one alarm of a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlarmOutcome {
+    /// Stored as a new alarm with this id.
+    Stored(AlarmId),
+    /// The same alarm was already stored (or came earlier in this batch).
+    Duplicate(AlarmId),
+}
+
+impl AlarmOutcome {
+    pub fn alarm_id(self) -> AlarmId {
+        match self {
+            AlarmOutcome::Stored(id) | AlarmOutcome::Duplicate(id) => id,
+        }
+    }
+}
+
+/// One group-commit batch.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// New alarms, each with the id it gets if it is not a duplicate.
+    pub alarms: Vec<(AlarmId, NewAlarm)>,
+    pub quarantine: Vec<QuarantineEntry>,
+}
+
+/// A stage timestamp of an alarm, as [`Store::stage_times`] lists them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageTime {
+    /// `raised`, `received`, `stored`, then the later stages.
+    pub stage: String,
+    pub at: DateTime<Utc>,
+    pub provider: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// The store, whichever database is behind it. Cheap to clone.
+#[derive(Debug, Clone)]
+pub enum Store {
+    Sqlite(SqliteStore),
+}
+
+impl Store {
+    /// Opens the store at `url`, creating and migrating it as needed.
+    ///
+    /// # Errors
+    /// When the database cannot be opened or migrated.
+    pub async fn open(url: &StoreUrl) -> Result<Store, StoreError> {
+        match url {
+            StoreUrl::Sqlite(path) => Ok(Store::Sqlite(SqliteStore::open(path).await?)),
+            StoreUrl::Postgres(_) => Err(StoreError::Unsupported("PostgreSQL")),
+        }
+    }
+
+    /// Writes a batch in one transaction and says, per alarm and in order,
+    /// whether it was stored or was a duplicate. `stored_at` is the stored
+    /// timestamp of the new rows; signals received since `dedupe_since` are
+    /// candidates for de-duplication.
+    ///
+    /// # Errors
+    /// When the transaction does not commit; then nothing of the batch is
+    /// stored.
+    pub async fn commit_batch(
+        &self,
+        batch: &Batch,
+        stored_at: DateTime<Utc>,
+        dedupe_since: DateTime<Utc>,
+    ) -> Result<Vec<AlarmOutcome>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.commit_batch(batch, stored_at, dedupe_since).await,
+        }
+    }
+
+    /// The alarm with this id.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn alarm(&self, id: AlarmId) -> Result<Option<Alarm>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.alarm(id).await,
+        }
+    }
+
+    /// Every stage timestamp of an alarm, oldest first.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn stage_times(&self, id: AlarmId) -> Result<Vec<StageTime>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.stage_times(id).await,
+        }
+    }
+
+    /// How many alarms are stored.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn count_alarms(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.count_alarms().await,
+        }
+    }
+
+    /// Alarms of one device, oldest first.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn alarms_of_device(
+        &self,
+        tenant: &str,
+        device_id: &str,
+    ) -> Result<Vec<Alarm>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.alarms_of_device(tenant, device_id).await,
+        }
+    }
+
+    /// The newest quarantine rows, newest first.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn quarantine(&self, limit: u32) -> Result<Vec<QuarantineRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.quarantine(limit).await,
+        }
+    }
+
+    /// Outbox rows waiting for delivery.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn count_outbox_pending(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.count_outbox_pending().await,
+        }
+    }
+
+    /// Closes the connections; later calls fail.
+    pub async fn close(&self) {
+        match self {
+            Store::Sqlite(s) => s.close().await,
+        }
+    }
+}

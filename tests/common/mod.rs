@@ -1,0 +1,273 @@
+//! Shared test harness: a real gateway (in-process, real SQLite file) behind
+//! a real broker (the embedded one, or Mosquitto when
+//! `TELEGATE_TEST_MQTT_URL` is set), and simulated devices that talk MQTT.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use serde_json::Value;
+use telegate::app::Gateway;
+use telegate::config::Config;
+use tokio::sync::mpsc;
+
+/// How long any single expected event may take before a test fails.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Which broker a test runs against.
+#[derive(Debug, Clone)]
+pub enum BrokerChoice {
+    /// rumqttd inside the gateway, on a free loopback port.
+    Embedded,
+    /// An external broker such as Mosquitto: host and port.
+    External { host: String, port: u16 },
+}
+
+impl BrokerChoice {
+    pub fn name(&self) -> &'static str {
+        match self {
+            BrokerChoice::Embedded => "embedded",
+            BrokerChoice::External { .. } => "external",
+        }
+    }
+}
+
+/// The embedded broker always; the external one when the variable is set.
+pub fn brokers() -> Vec<BrokerChoice> {
+    let mut list = vec![BrokerChoice::Embedded];
+    match std::env::var("TELEGATE_TEST_MQTT_URL") {
+        Ok(url) => match parse_mqtt_url(&url) {
+            Some((host, port)) => list.push(BrokerChoice::External { host, port }),
+            None => eprintln!("TELEGATE_TEST_MQTT_URL={url:?} is not mqtt://host:port; skipping the external broker"),
+        },
+        Err(_) => eprintln!("TELEGATE_TEST_MQTT_URL not set: external-broker runs skipped"),
+    }
+    list
+}
+
+fn parse_mqtt_url(url: &str) -> Option<(String, u16)> {
+    let rest = url.strip_prefix("mqtt://")?;
+    let rest = rest.trim_end_matches('/');
+    match rest.rsplit_once(':') {
+        Some((host, port)) => Some((host.to_owned(), port.parse().ok()?)),
+        None => Some((rest.to_owned(), 1883)),
+    }
+}
+
+/// A short random name, so tests sharing one external broker never see each
+/// other's devices.
+pub fn unique(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}{}", &id[..10])
+}
+
+/// Serialises tests that use the external broker: every gateway subscribes
+/// to all device topics, so two at once would answer each other's devices.
+static EXTERNAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running gateway and what a test needs to talk to it.
+pub struct Harness {
+    pub gateway: Gateway,
+    pub host: String,
+    pub port: u16,
+    pub client_id: String,
+    pub broker: BrokerChoice,
+    /// Keeps the SQLite file until the test ends.
+    pub dir: tempfile::TempDir,
+    _external: Option<tokio::sync::MutexGuard<'static, ()>>,
+}
+
+/// The TOML for a gateway on `broker`, storing in `db`.
+pub fn config_toml(
+    broker: &BrokerChoice,
+    port: u16,
+    client_id: &str,
+    db: &std::path::Path,
+) -> String {
+    let (scheme, host) = match broker {
+        BrokerChoice::Embedded => ("embedded", "127.0.0.1".to_owned()),
+        BrokerChoice::External { host, .. } => ("mqtt", host.clone()),
+    };
+    format!(
+        r#"
+[store]
+url = "sqlite://{db}"
+
+[ingest]
+batch_wait_ms = 1
+
+[[mqtt]]
+id = "devices"
+url = "{scheme}://{host}:{port}"
+client_id = "{client_id}"
+
+[[provider]]
+id = "arc-test"
+kind = "http"
+url = "http://127.0.0.1:9/alarms"
+secret = "s3cret"
+token = "t0ken"
+
+[routing]
+default_provider = "arc-test"
+"#,
+        db = db.display()
+    )
+}
+
+impl Harness {
+    /// Starts a gateway against `broker` with a fresh SQLite file.
+    pub async fn start(broker: &BrokerChoice) -> Harness {
+        let external = match broker {
+            BrokerChoice::External { .. } => Some(EXTERNAL.lock().await),
+            BrokerChoice::Embedded => None,
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (host, port) = match broker {
+            BrokerChoice::Embedded => (
+                "127.0.0.1".to_owned(),
+                telegate::broker::free_port().expect("free port"),
+            ),
+            BrokerChoice::External { host, port } => (host.clone(), *port),
+        };
+        let client_id = unique("tg-");
+        let toml = config_toml(broker, port, &client_id, &dir.path().join("telegate.db"));
+        let config =
+            Config::from_toml_str(&toml, "test.toml", &|_| None).expect("valid test config");
+        let gateway = telegate::app::start(config, telegate::clock::system())
+            .await
+            .expect("gateway starts");
+        assert!(gateway.wait_ready(WAIT).await, "gateway subscribed in time");
+        Harness {
+            gateway,
+            host,
+            port,
+            client_id,
+            broker: broker.clone(),
+            dir,
+            _external: external,
+        }
+    }
+
+    /// A device on this gateway's broker, listening for its replies.
+    pub async fn device(&self, tenant: &str, device_id: &str) -> Device {
+        Device::connect(&self.host, self.port, tenant, device_id).await
+    }
+
+    /// Stops the gateway; on an external broker also removes its persistent
+    /// session so that the broker stops queueing for it.
+    pub async fn stop(self) {
+        assert!(
+            self.gateway.shutdown(Duration::from_secs(10)).await,
+            "clean shutdown"
+        );
+        if let BrokerChoice::External { .. } = self.broker {
+            let mut options = MqttOptions::new(self.client_id.clone(), &self.host, self.port);
+            options.set_clean_session(true);
+            let (client, mut eventloop) = AsyncClient::new(options, 10);
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                loop {
+                    match eventloop.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                            let _ = client.try_disconnect();
+                        }
+                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                }
+            })
+            .await;
+        }
+    }
+}
+
+/// A simulated device: publishes on its topics and collects its replies.
+pub struct Device {
+    pub tenant: String,
+    pub device_id: String,
+    pub client: AsyncClient,
+    acks: mpsc::UnboundedReceiver<Value>,
+}
+
+impl Device {
+    pub async fn connect(host: &str, port: u16, tenant: &str, device_id: &str) -> Device {
+        let mut options = MqttOptions::new(unique("dev-"), host, port);
+        options.set_keep_alive(Duration::from_secs(30));
+        options.set_max_packet_size(1024 * 1024, 1024 * 1024);
+        let (client, eventloop) = AsyncClient::new(options, 100);
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let (subscribed_tx, subscribed_rx) = tokio::sync::oneshot::channel();
+        let topic = format!("telecare/{tenant}/{device_id}/ack");
+        client
+            .subscribe(topic, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+        tokio::spawn(drive(eventloop, ack_tx, subscribed_tx));
+        tokio::time::timeout(WAIT, subscribed_rx)
+            .await
+            .expect("device subscribed in time")
+            .expect("device event loop alive");
+        Device {
+            tenant: tenant.to_owned(),
+            device_id: device_id.to_owned(),
+            client,
+            acks,
+        }
+    }
+
+    pub fn topic(&self, kind: &str) -> String {
+        format!("telecare/{}/{}/{kind}", self.tenant, self.device_id)
+    }
+
+    /// Publishes raw bytes as an alarm.
+    pub async fn send_raw(&self, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(self.topic("alarm"), QoS::AtLeastOnce, false, payload.into())
+            .await
+            .expect("publish");
+    }
+
+    /// Publishes a JSON alarm and waits for the gateway's reply.
+    pub async fn send(&mut self, payload: Value) -> Value {
+        self.send_raw(payload.to_string()).await;
+        self.next_reply().await
+    }
+
+    /// The next reply on this device's ack topic.
+    pub async fn next_reply(&mut self) -> Value {
+        tokio::time::timeout(WAIT, self.acks.recv())
+            .await
+            .expect("a reply within the wait")
+            .expect("device connection alive")
+    }
+}
+
+async fn drive(
+    mut eventloop: EventLoop,
+    acks: mpsc::UnboundedSender<Value>,
+    subscribed: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut subscribed = Some(subscribed);
+    loop {
+        match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                if let Some(tx) = subscribed.take() {
+                    let _ = tx.send(());
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let value = serde_json::from_slice(&p.payload).unwrap_or(Value::Null);
+                if acks.send(value).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(_) => {
+                if acks.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
