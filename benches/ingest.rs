@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use telegate::config::{IngestConfig, StoreUrl};
+use telegate::config::{Config, IngestConfig, StoreUrl};
 use telegate::ingest::{self, Ingest};
 use telegate::metrics::Metrics;
 use telegate::model::{AlarmClass, AlarmDetails, DedupeKey, NewAlarm, SourceKind, SourceRef};
+use telegate::route::Router;
 use telegate::store::Store;
 
 /// Alarms submitted concurrently per iteration.
@@ -65,6 +66,13 @@ fn bench_ingest(c: &mut Criterion) {
         .enable_all()
         .build()
         .expect("runtime");
+    let routing = Config::from_toml_str(
+        "[[provider]]\nid = \"arc\"\nurl = \"http://127.0.0.1:9/a\"\nsecret = \"s\"\ntoken = \"t\"\n\
+         [routing]\ndefault_provider = \"arc\"\n",
+        "bench.toml",
+        &|_| None,
+    )
+    .expect("bench config");
     let mut group = c.benchmark_group("ingest_sqlite");
     group.throughput(Throughput::Elements(ALARMS as u64));
     group.sample_size(10);
@@ -82,8 +90,10 @@ fn bench_ingest(c: &mut Criterion) {
         let (ingest, writer) = ingest::channel(
             store,
             config,
+            Arc::new(Router::new(&routing)),
             telegate::clock::system(),
             Arc::new(Metrics::default()),
+            Arc::new(tokio::sync::Notify::new()),
         );
         rt.spawn(writer.run());
         group.bench_with_input(BenchmarkId::new(name, ALARMS), &ingest, |b, ingest| {

@@ -1,18 +1,23 @@
 //! The application shell: wires the pipeline and spawns its tasks. Read
 //! [`start`] top to bottom to see the whole gateway.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::api::{self, ApiState};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::deliver::{BuildError, Dispatcher};
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
+use crate::route::Router;
 use crate::source::mqtt::MqttSource;
 use crate::source::{Readiness, Source};
 use crate::store::{Store, StoreError};
@@ -27,6 +32,13 @@ pub enum AppError {
     Broker { id: String, source: BrokerError },
     #[error("serial.{0}: serial sources are not available in this version of telegate")]
     SerialUnsupported(String),
+    #[error("{0}")]
+    Deliver(#[from] BuildError),
+    #[error("api.listen {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running gateway.
@@ -37,6 +49,9 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Embedded brokers started for `embedded://` sources.
     pub brokers: Vec<EmbeddedBroker>,
+    /// Where the API listens (the bound address when `api.listen` asked
+    /// for port 0).
+    pub api_addr: SocketAddr,
     /// A handle to ingest; dropped at shutdown so that the writer can finish.
     ingest: Option<Ingest>,
     /// Stops the sources.
@@ -45,6 +60,10 @@ pub struct Gateway {
     sources: TaskTracker,
     /// The group-commit writer; it ends when every ingest handle is gone.
     writer: JoinHandle<()>,
+    /// Stops the dispatcher and the API once input has stopped.
+    cancel_delivery: CancellationToken,
+    dispatcher: JoinHandle<()>,
+    api: JoinHandle<()>,
     /// Which sources are up.
     ready: Readiness,
 }
@@ -81,14 +100,23 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         brokers.push(broker);
     }
 
-    // ingest: one group-commit writer behind a bounded queue.
+    // ingest → route: one group-commit writer behind a bounded queue; each
+    // new alarm is routed and queued for delivery in the same transaction.
+    let committed = Arc::new(Notify::new());
     let (ingest, writer) = ingest::channel(
         store.clone(),
         config.ingest.clone(),
+        Arc::new(Router::new(&config)),
         clock.clone(),
         metrics.clone(),
+        committed.clone(),
     );
     let writer = tokio::spawn(writer.run());
+
+    // deliver: claims due outbox rows, woken by each commit.
+    let cancel_delivery = CancellationToken::new();
+    let dispatcher = Dispatcher::new(&config, store.clone(), clock.clone(), metrics.clone(), committed)?;
+    let dispatcher = tokio::spawn(dispatcher.run(cancel_delivery.clone()));
 
     // sources: each runs until shutdown.
     let cancel = CancellationToken::new();
@@ -110,15 +138,47 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         store = ?config.store.url,
         "telegate started"
     );
+    let readiness = ready.clone();
+    tokio::spawn(async move {
+        readiness.all_up().await;
+        tracing::info!("telegate ready: every source is up");
+    });
+
+    // The API: progress reports, health, readiness, metrics.
+    let listener = tokio::net::TcpListener::bind(config.api.listen)
+        .await
+        .map_err(|source| AppError::Listen {
+            addr: config.api.listen,
+            source,
+        })?;
+    let api_addr = listener.local_addr().map_err(|source| AppError::Listen {
+        addr: config.api.listen,
+        source,
+    })?;
+    let state = ApiState::new(&config, store.clone(), clock.clone(), metrics.clone(), ready.clone());
+    let stop_api = cancel_delivery.clone();
+    let api = tokio::spawn(async move {
+        let served = axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async move { stop_api.cancelled().await })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "API server stopped");
+        }
+    });
+    tracing::info!(%api_addr, "API listening");
 
     Ok(Gateway {
         store,
         metrics,
         brokers,
+        api_addr,
         ingest: Some(ingest),
         cancel,
         sources,
         writer,
+        cancel_delivery,
+        dispatcher,
+        api,
         ready,
     })
 }
@@ -139,18 +199,34 @@ impl Gateway {
         self.ready.wait(timeout).await
     }
 
+    /// The base URL of the API, e.g. `http://127.0.0.1:8080`.
+    pub fn api_url(&self) -> String {
+        format!("http://{}", self.api_addr)
+    }
+
     /// Stops taking input, lets the sources acknowledge what was committed,
-    /// finishes the last batch and closes the store. Returns false when the
-    /// grace period ran out first (nothing acknowledged is lost either way:
-    /// the store is the source of truth).
+    /// finishes the last batch, lets deliveries under way finish and record,
+    /// then closes the API and the store. Returns false when the grace
+    /// period ran out first (nothing acknowledged is lost either way: the
+    /// store is the source of truth, and unfinished deliveries are retried
+    /// at the next start).
     pub async fn shutdown(mut self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
         self.cancel.cancel();
-        let sources_done = tokio::time::timeout(grace, self.sources.wait())
+        let sources_done = tokio::time::timeout_at(deadline, self.sources.wait())
             .await
             .is_ok();
         self.ingest = None;
-        let writer_done = tokio::time::timeout(grace, &mut self.writer).await.is_ok();
+        let writer_done = tokio::time::timeout_at(deadline, &mut self.writer).await.is_ok();
+        self.cancel_delivery.cancel();
+        let dispatcher_done = tokio::time::timeout_at(deadline, &mut self.dispatcher)
+            .await
+            .is_ok();
+        let api_done = tokio::time::timeout_at(deadline, &mut self.api).await.is_ok();
+        if !dispatcher_done {
+            self.dispatcher.abort();
+        }
         self.store.close().await;
-        sources_done && writer_done
+        sources_done && writer_done && dispatcher_done && api_done
     }
 }

@@ -6,8 +6,9 @@
 
 use chrono::{DateTime, Utc};
 
+use crate::deliver::plan::{Decision, Plan};
 use crate::metrics::Metrics;
-use crate::model::{wire_time, AlarmId, NewAlarm};
+use crate::model::{wire_time, Alarm, AlarmId, NewAlarm};
 use crate::source::mqtt::payload::{DroppedField, RejectReason};
 
 /// A new alarm was committed.
@@ -112,5 +113,65 @@ impl DeviceFaultRaised<'_> {
             reason = self.reason.as_str(),
             "device_fault raised for broken input"
         );
+    }
+}
+
+/// One delivery attempt and what follows from it.
+pub struct DeliveryAttempted<'a> {
+    pub alarm: &'a Alarm,
+    pub provider: &'a str,
+    pub attempt: u32,
+    pub fallback: bool,
+    pub detail: &'a str,
+    pub decision: &'a Decision,
+    /// The plan the attempt was made under.
+    pub before: &'a Plan,
+}
+
+impl DeliveryAttempted<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        Metrics::inc(&metrics.deliveries_attempted);
+        let a = self.alarm;
+        match self.decision {
+            Decision::Delivered => {
+                Metrics::inc(&metrics.deliveries_accepted);
+                tracing::debug!(
+                    alarm_id = %a.id, provider = self.provider, attempt = self.attempt,
+                    fallback = self.fallback, detail = self.detail, "alarm accepted by provider"
+                );
+            }
+            Decision::Retry { plan, due_at } => {
+                Metrics::inc(&metrics.deliveries_failed);
+                tracing::warn!(
+                    alarm_id = %a.id, provider = self.provider, attempt = self.attempt,
+                    detail = self.detail, next_provider = plan.provider(),
+                    next_at = %wire_time(*due_at), "delivery attempt failed"
+                );
+                if plan.position != self.before.position && !self.before.exhausted {
+                    Metrics::inc(&metrics.failovers);
+                    tracing::info!(
+                        alarm_id = %a.id, from = self.provider, to = plan.provider(),
+                        priority = a.priority.number(), "failing over to the next provider"
+                    );
+                }
+                if plan.exhausted && !self.before.exhausted {
+                    Metrics::inc(&metrics.chains_exhausted);
+                    tracing::error!(
+                        alarm_id = %a.id, tenant = %a.tenant, class = a.class.name(),
+                        chain = ?plan.chain,
+                        "no provider accepted the alarm before its deadlines; retrying every provider in turn"
+                    );
+                }
+            }
+            Decision::DeadLetter { plan } => {
+                Metrics::inc(&metrics.deliveries_failed);
+                Metrics::inc(&metrics.dead_letters);
+                tracing::error!(
+                    alarm_id = %a.id, tenant = %a.tenant, device_id = %a.device_id,
+                    class = a.class.name(), rejected_by = ?plan.rejected,
+                    "DEAD LETTER: every provider rejected the alarm; a person must act"
+                );
+            }
+        }
     }
 }

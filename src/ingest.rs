@@ -22,14 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::clock::SharedClock;
 use crate::config::IngestConfig;
 use crate::events;
 use crate::metrics::Metrics;
 use crate::model::{AlarmId, NewAlarm};
-use crate::store::{AlarmOutcome, Batch, QuarantineEntry, Store};
+use crate::route::Router;
+use crate::store::{AlarmOutcome, Batch, BatchAlarm, QuarantineEntry, Store};
 
 /// What became of an alarm handed to ingest. Both mean "safe in the store".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,16 +142,23 @@ pub struct Writer {
     rx: mpsc::Receiver<Job>,
     store: Store,
     config: IngestConfig,
+    /// Routes each new alarm; the route is stored with its outbox row.
+    router: Arc<Router>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    /// Rung after each commit so that delivery starts at once.
+    committed: Arc<Notify>,
 }
 
 /// Creates the ingest handle and its writer; spawn [`Writer::run`].
+/// `committed` is notified after every commit.
 pub fn channel(
     store: Store,
     config: IngestConfig,
+    router: Arc<Router>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    committed: Arc<Notify>,
 ) -> (Ingest, Writer) {
     let (tx, rx) = mpsc::channel(config.queue.max(1));
     (
@@ -159,8 +167,10 @@ pub fn channel(
             rx,
             store,
             config,
+            router,
             clock,
             metrics,
+            committed,
         },
     )
 }
@@ -204,7 +214,14 @@ impl Writer {
         for job in jobs.drain(..) {
             match job {
                 Job::Alarm(alarm, reply) => {
-                    batch.alarms.push((AlarmId::new_v7(), alarm));
+                    let route = self
+                        .router
+                        .route(&alarm.tenant, alarm.priority(), alarm.received_at);
+                    batch.alarms.push(BatchAlarm {
+                        id: AlarmId::new_v7(),
+                        alarm,
+                        route,
+                    });
                     alarm_replies.push(reply);
                 }
                 Job::Quarantine(entry, reply) => {
@@ -218,9 +235,9 @@ impl Writer {
             Ok(outcomes) => {
                 Metrics::inc(&self.metrics.store_commits);
                 Metrics::add(&self.metrics.quarantined, batch.quarantine.len() as u64);
-                for (((_, alarm), outcome), reply) in
-                    batch.alarms.iter().zip(outcomes).zip(alarm_replies)
-                {
+                self.committed.notify_one();
+                for ((b, outcome), reply) in batch.alarms.iter().zip(outcomes).zip(alarm_replies) {
+                    let alarm = &b.alarm;
                     let answer = match outcome {
                         AlarmOutcome::Stored(id) => {
                             events::AlarmStored {

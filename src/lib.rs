@@ -13,12 +13,13 @@
 //! | source | [`source`] | MQTT topics (and later serial ports) in; frames become typed wire messages |
 //! | ingest | [`ingest`] | wire message → [`model::NewAlarm`] ([`taxonomy`] maps codes), handed to the store's group commit; the sender is answered after the commit |
 //! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite (PostgreSQL later), migrated at start |
-//! | route | — | the contract in force for the tenant on the alarm's date (next) |
-//! | deliver | — | signed webhooks with retries and failover (next) |
+//! | route | [`route`] | the contract in force for the tenant on the alarm's date; the route is stored with the alarm |
+//! | deliver | [`deliver`] | outbox rows claimed with a lease, signed webhooks, retries, failover, dead letters |
 //! | sla | — | service levels from the stage timestamps (later) |
 //! | report | — | contract managers' reports (later) |
 //!
-//! Around them: [`config`] (checked before use), [`app`] (wires and spawns
+//! Around them: [`api`] (provider progress reports, health, metrics),
+//! [`config`] (checked before use), [`app`] (wires and spawns
 //! the pipeline; read it top to bottom), [`broker`] (the embedded MQTT broker
 //! for demos and tests), [`metrics`] and [`events`] (what the gateway reports
 //! about itself), [`clock`] (injected wall-clock time).
@@ -37,14 +38,17 @@
 //! 8. Least privilege; secrets never appear in logs.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod app;
 pub mod broker;
 pub mod clock;
 pub mod config;
+pub mod deliver;
 pub mod events;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod route;
 pub mod source;
 pub mod store;
 pub mod taxonomy;

@@ -34,6 +34,20 @@ pub struct Metrics {
     pub store_commits: AtomicU64,
     /// Group-commit transactions that failed (their senders got no answer).
     pub store_commit_failures: AtomicU64,
+    /// Delivery attempts made, whatever their outcome.
+    pub deliveries_attempted: AtomicU64,
+    /// Attempts a provider accepted.
+    pub deliveries_accepted: AtomicU64,
+    /// Attempts that failed (retried, failed over or dead-lettered).
+    pub deliveries_failed: AtomicU64,
+    /// Alarms handed to the next provider in their chain.
+    pub failovers: AtomicU64,
+    /// Alarms whose every deadline passed without acceptance.
+    pub chains_exhausted: AtomicU64,
+    /// Alarms every provider rejected.
+    pub dead_letters: AtomicU64,
+    /// Progress reports (answered/resolved) recorded.
+    pub progress_reports: AtomicU64,
 }
 
 impl Metrics {
@@ -62,7 +76,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, &AtomicU64); 10] = [
+        let plain: [(&str, &str, &AtomicU64); 17] = [
             (
                 "telegate_mqtt_messages_total",
                 "MQTT PUBLISH packets received",
@@ -113,6 +127,13 @@ impl Metrics {
                 "group-commit transactions that failed",
                 &self.store_commit_failures,
             ),
+            ("telegate_deliveries_attempted_total", "delivery attempts made", &self.deliveries_attempted),
+            ("telegate_deliveries_accepted_total", "delivery attempts accepted by a provider", &self.deliveries_accepted),
+            ("telegate_deliveries_failed_total", "delivery attempts that failed", &self.deliveries_failed),
+            ("telegate_failovers_total", "alarms handed to the next provider", &self.failovers),
+            ("telegate_chains_exhausted_total", "alarms past every deadline without acceptance", &self.chains_exhausted),
+            ("telegate_dead_letters_total", "alarms every provider rejected", &self.dead_letters),
+            ("telegate_progress_reports_total", "answered/resolved reports recorded", &self.progress_reports),
         ];
         for (name, help, counter) in plain {
             let _ = writeln!(

@@ -59,7 +59,7 @@ async fn an_alarm_is_accepted_only_once_it_is_stored_with_its_timestamps() {
             .into_iter()
             .map(|s| s.stage)
             .collect();
-        assert_eq!(stages, ["raised", "received", "stored"]);
+        assert_eq!(stages[..4], ["raised", "received", "stored", "routed"]);
         assert_eq!(
             h.gateway.store.count_outbox_pending().await.unwrap(),
             1,
@@ -408,6 +408,47 @@ async fn a_topic_with_bad_segments_is_quarantined_without_a_reply() {
         assert_eq!(q.len(), 1);
         assert_eq!(q[0].entry.reason, "bad_topic");
         assert_eq!(h.gateway.metrics.rejected(RejectReason::BadTopic), 1);
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reply_when_the_store_cannot_commit_and_the_alarm_is_taken_once_it_can() {
+    for broker in brokers() {
+        let h = Harness::start(&broker).await;
+        let tenant = unique("t");
+        // Make every commit that includes this tenant fail, as a full disk would.
+        let db = h.dir.path().join("telegate.db");
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .unwrap();
+        sqlx::query(&format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON alarms WHEN NEW.tenant = '{tenant}' \
+             BEGIN SELECT RAISE(ABORT, 'no space left'); END"
+        ))
+        .execute(&pool)
+        .await
+        .unwrap();
+        let mut dev = h.device(&tenant, "pendant-9").await;
+        dev.send_raw(json!({"seq": 1, "event": "personal_emergency"}).to_string())
+            .await;
+        let metrics = h.gateway.metrics.clone();
+        common::wait_until("a failed commit", || {
+            Metrics::get(&metrics.store_commit_failures) >= 1
+        })
+        .await;
+        assert_eq!(dev.try_reply(), None, "{}: no reply without a commit", broker.name());
+        assert!(h.gateway.store.alarms_of_device(&tenant, "pendant-9").await.unwrap().is_empty());
+
+        // Once the store can commit again, the message the gateway never
+        // acknowledged comes back from the broker and is accepted.
+        sqlx::query("DROP TRIGGER refuse").execute(&pool).await.unwrap();
+        let reply = dev.next_reply().await;
+        assert_eq!(reply["status"], "accepted", "{}: {reply}", broker.name());
+        let rows = h.gateway.store.alarms_of_device(&tenant, "pendant-9").await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].id, alarm_id(&reply));
+        pool.close().await;
         h.stop().await;
     }
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// Group commit and de-duplication settings (`[ingest]`).
     pub ingest: IngestConfig,
+    /// The delivery dispatcher (`[deliver]`).
+    pub deliver: DeliverConfig,
     /// MQTT sources (`[[mqtt]]`), in file order.
     pub mqtt: Vec<MqttConfig>,
     /// Serial sources (`[[serial]]`), in file order.
@@ -200,6 +202,40 @@ impl Default for IngestConfig {
             batch_wait: Duration::from_millis(2),
             dedupe_window: Duration::from_secs(600),
             queue: 10_000,
+        }
+    }
+}
+
+/// `[deliver]`: how the dispatcher claims and delivers outbox rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliverConfig {
+    /// Names this gateway instance as the owner of its outbox claims
+    /// (`instance_id`, default `telegate`); unique per instance sharing a
+    /// database. Claims of the same id are released at start-up.
+    pub instance_id: String,
+    /// How long a claim lasts before another instance may take the row
+    /// over (`lease_s`, 5..=3600, default 30).
+    pub lease: Duration,
+    /// How often due retries are looked for when nothing new arrives
+    /// (`poll_ms`, 10..=10000, default 200).
+    pub poll: Duration,
+    /// Deliveries in flight per provider and lane (`max_in_flight`,
+    /// 1..=1024, default 32); life-safety and technical alarms have
+    /// separate lanes.
+    pub max_in_flight: usize,
+    /// Most outbox rows claimed at once (`claim_batch`, 1..=10000,
+    /// default 256).
+    pub claim_batch: usize,
+}
+
+impl Default for DeliverConfig {
+    fn default() -> Self {
+        DeliverConfig {
+            instance_id: "telegate".to_owned(),
+            lease: Duration::from_secs(30),
+            poll: Duration::from_millis(200),
+            max_in_flight: 32,
+            claim_batch: 256,
         }
     }
 }
@@ -406,6 +442,19 @@ pub struct FailoverAfter {
     pub technical: Duration,
     /// Priority 4 (default 3600 s).
     pub routine: Duration,
+}
+
+impl FailoverAfter {
+    /// The deadline for alarms of `priority`.
+    pub fn for_priority(&self, priority: crate::model::Priority) -> Duration {
+        use crate::model::Priority;
+        match priority {
+            Priority::Critical => self.critical,
+            Priority::Urgent => self.urgent,
+            Priority::Technical => self.technical,
+            Priority::Routine => self.routine,
+        }
+    }
 }
 
 impl Default for FailoverAfter {

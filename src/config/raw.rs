@@ -17,6 +17,7 @@ pub(super) struct RawConfig {
     pub store: Option<RawStore>,
     pub api: Option<RawApi>,
     pub ingest: Option<RawIngest>,
+    pub deliver: Option<RawDeliver>,
     #[serde(default)]
     pub mqtt: Vec<RawMqtt>,
     #[serde(default)]
@@ -44,6 +45,15 @@ pub(super) struct RawIngest {
     pub batch_wait_ms: Option<i64>,
     pub dedupe_window_s: Option<i64>,
     pub queue: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawDeliver {
+    pub instance_id: Option<String>,
+    pub lease_s: Option<i64>,
+    pub poll_ms: Option<i64>,
+    pub max_in_flight: Option<i64>,
+    pub claim_batch: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

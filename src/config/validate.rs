@@ -13,11 +13,11 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use super::raw::{
-    describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawFailoverAfter, RawIngest,
+    describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawDeliver, RawFailoverAfter, RawIngest,
     RawMqtt, RawProvider, RawSerial, RawStore,
 };
 use super::{
-    AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, FailoverAfter,
+    AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, DeliverConfig, FailoverAfter,
     IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RoutingConfig, Secret, SerialConfig,
     SerialFormat, StoreConfig, StoreUrl,
 };
@@ -62,6 +62,7 @@ impl<'a> Checker<'a> {
         let store = self.store(raw.store);
         let api = self.api(raw.api);
         let ingest = self.ingest(raw.ingest);
+        let deliver = self.deliver(raw.deliver);
 
         let source_ids = raw
             .mqtt
@@ -135,6 +136,7 @@ impl<'a> Checker<'a> {
             store: store?,
             api: api?,
             ingest: ingest?,
+            deliver: deliver?,
             mqtt: mqtt.into_iter().collect::<Option<_>>()?,
             serial: serial.into_iter().collect::<Option<_>>()?,
             providers: providers.into_iter().collect::<Option<_>>()?,
@@ -332,6 +334,26 @@ impl<'a> Checker<'a> {
             batch_wait: Duration::from_millis(u64::try_from(batch_wait?).ok()?),
             dedupe_window: dedupe?,
             queue: usize::try_from(queue?).ok()?,
+        })
+    }
+
+    fn deliver(&mut self, raw: Option<RawDeliver>) -> Option<DeliverConfig> {
+        let raw = raw.unwrap_or_default();
+        let defaults = DeliverConfig::default();
+        let instance_id = match raw.instance_id {
+            Some(id) => self.name("deliver.instance_id", id),
+            None => Some(defaults.instance_id),
+        };
+        let lease = self.int_in("deliver.lease_s", raw.lease_s, 30, 5, 3600);
+        let poll = self.int_in("deliver.poll_ms", raw.poll_ms, 200, 10, 10_000);
+        let max_in_flight = self.int_in("deliver.max_in_flight", raw.max_in_flight, 32, 1, 1024);
+        let claim_batch = self.int_in("deliver.claim_batch", raw.claim_batch, 256, 1, 10_000);
+        Some(DeliverConfig {
+            instance_id: instance_id?,
+            lease: Duration::from_secs(u64::try_from(lease?).ok()?),
+            poll: Duration::from_millis(u64::try_from(poll?).ok()?),
+            max_in_flight: usize::try_from(max_in_flight?).ok()?,
+            claim_batch: usize::try_from(claim_batch?).ok()?,
         })
     }
 

@@ -37,13 +37,17 @@ impl Readiness {
         *self.up.borrow() >= self.expected
     }
 
-    /// Waits until every source is up; false when `timeout` passed first.
-    pub async fn wait(&self, timeout: Duration) -> bool {
+    /// Waits until every source is up.
+    pub async fn all_up(&self) {
         let mut rx = self.up.subscribe();
         let expected = self.expected;
-        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= expected))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        // The sender lives in `self`, so this cannot fail while we wait.
+        let _ = rx.wait_for(|n| *n >= expected).await;
+    }
+
+    /// Waits until every source is up; false when `timeout` passed first.
+    pub async fn wait(&self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.all_up()).await.is_ok()
     }
 }
 

@@ -27,7 +27,9 @@ mod sqlite;
 use chrono::{DateTime, Utc};
 
 use crate::config::StoreUrl;
+use crate::deliver::{AttemptRecord, Claimed};
 use crate::model::{Alarm, AlarmId, NewAlarm, SourceKind};
+use crate::route::Route;
 
 pub use sqlite::SqliteStore;
 
@@ -92,12 +94,79 @@ impl AlarmOutcome {
     }
 }
 
+/// An alarm of a group-commit batch.
+#[derive(Debug)]
+pub struct BatchAlarm {
+    /// The id it gets if it is not a duplicate.
+    pub id: AlarmId,
+    pub alarm: NewAlarm,
+    /// Where it is to be delivered; stored with its outbox row.
+    pub route: Route,
+}
+
 /// One group-commit batch.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// New alarms, each with the id it gets if it is not a duplicate.
-    pub alarms: Vec<(AlarmId, NewAlarm)>,
+    pub alarms: Vec<BatchAlarm>,
     pub quarantine: Vec<QuarantineEntry>,
+}
+
+/// An answered/resolved report from a provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressState {
+    Answered,
+    Resolved,
+}
+
+impl ProgressState {
+    pub fn name(self) -> &'static str {
+        match self {
+            ProgressState::Answered => "answered",
+            ProgressState::Resolved => "resolved",
+        }
+    }
+}
+
+/// A progress report to record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressReport {
+    pub alarm_id: AlarmId,
+    pub provider: String,
+    pub state: ProgressState,
+    /// The provider's time for the state.
+    pub at: DateTime<Utc>,
+    /// When the gateway received the report.
+    pub reported_at: DateTime<Utc>,
+    pub outcome: Option<String>,
+}
+
+/// What recording a progress report did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProgressResult {
+    Recorded,
+    /// The state was reported before; the first report's time is kept.
+    Repeated,
+    /// The alarm is already further along (answered after resolved).
+    Backwards,
+}
+
+/// Where an alarm stands in delivery (an outbox row).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxRow {
+    /// `pending`, `delivered` or `dead_letter`.
+    pub state: String,
+    pub contract_id: Option<String>,
+    pub chain: Vec<String>,
+    pub position: usize,
+    pub rejected: Vec<String>,
+    pub exhausted: bool,
+    pub attempts: u32,
+    pub due_at: DateTime<Utc>,
+    pub routed_at: DateTime<Utc>,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<DateTime<Utc>>,
+    pub accepted_at: Option<DateTime<Utc>>,
+    pub accepted_by: Option<String>,
 }
 
 /// A stage timestamp of an alarm, as [`Store::stage_times`] lists them.
@@ -208,6 +277,97 @@ impl Store {
     pub async fn count_outbox_pending(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => s.count_outbox_pending().await,
+        }
+    }
+
+    /// Drops the claims `owner` holds (its earlier life's, at start-up).
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.release_leases(owner).await,
+        }
+    }
+
+    /// Claims up to `limit` due outbox rows for `owner` until `lease_until`,
+    /// most urgent first.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn claim_due(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.claim_due(owner, now, lease_until, limit).await,
+        }
+    }
+
+    /// Records delivery attempts and their consequences in one transaction
+    /// and releases the claims.
+    ///
+    /// # Errors
+    /// On a database failure; then nothing is recorded.
+    pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), StoreError> {
+        match self {
+            Store::Sqlite(s) => s.record_attempts(records).await,
+        }
+    }
+
+    /// The delivery state of an alarm.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn outbox_row(&self, id: AlarmId) -> Result<Option<OutboxRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.outbox_row(id).await,
+        }
+    }
+
+    /// Whether the alarm was ever offered to `provider`: an attempt was
+    /// made, or one is under way.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn offered_to(
+        &self,
+        id: AlarmId,
+        provider: &str,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        if let Some(row) = self.outbox_row(id).await? {
+            let in_flight = row.lease_until.is_some_and(|until| until > now)
+                && row.chain.get(row.position).is_some_and(|p| p == provider);
+            if in_flight {
+                return Ok(true);
+            }
+        }
+        match self {
+            Store::Sqlite(s) => s.attempted_by(id, provider).await,
+        }
+    }
+
+    /// Records an answered/resolved report.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn record_progress(&self, report: &ProgressReport) -> Result<ProgressResult, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.record_progress(report).await,
+        }
+    }
+
+    /// How many alarms a provider has accepted.
+    ///
+    /// # Errors
+    /// On a database failure.
+    pub async fn count_delivered(&self) -> Result<u64, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.count_delivered().await,
         }
     }
 

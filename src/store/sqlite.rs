@@ -15,7 +15,12 @@ use sqlx::sqlite::{
 };
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-use super::{AlarmOutcome, Batch, QuarantineEntry, QuarantineRow, StageTime, StoreError};
+use super::{
+    AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState,
+    QuarantineEntry, QuarantineRow, StageTime, StoreError,
+};
+use crate::deliver::plan::{Decision, Plan};
+use crate::deliver::{AttemptRecord, Claimed};
 use crate::model::{
     from_millis, to_millis, Alarm, AlarmClass, AlarmDetails, AlarmId, Priority, SourceKind,
     SourceRef,
@@ -25,7 +30,9 @@ use crate::model::{
 const MAX_PARAMS: usize = 32_000;
 const ALARM_COLUMNS: usize = 23;
 const QUARANTINE_COLUMNS: usize = 9;
-const OUTBOX_COLUMNS: usize = 5;
+const OUTBOX_COLUMNS: usize = 8;
+const STAGE_COLUMNS: usize = 5;
+const OUTCOME_COLUMNS: usize = 10;
 
 const ALARM_SELECT: &str = "SELECT id, tenant, device_id, account, seq, class, priority, restore, \
      zone, sensor, battery_pct, rssi, lat, lon, text, raised_at, received_at, stored_at, \
@@ -77,7 +84,7 @@ impl SqliteStore {
         let keys: Vec<&str> = batch
             .alarms
             .iter()
-            .map(|(_, a)| a.dedupe_key.as_str())
+            .map(|b| b.alarm.dedupe_key.as_str())
             .collect();
         for chunk in keys.chunks(MAX_PARAMS - 1) {
             let mut q: QueryBuilder<Sqlite> =
@@ -99,13 +106,13 @@ impl SqliteStore {
         // Decide per alarm; a key seen earlier in this batch is a duplicate too.
         let mut outcomes = Vec::with_capacity(batch.alarms.len());
         let mut fresh = Vec::with_capacity(batch.alarms.len());
-        for (id, alarm) in &batch.alarms {
-            match existing.get(alarm.dedupe_key.as_str()) {
+        for b in &batch.alarms {
+            match existing.get(b.alarm.dedupe_key.as_str()) {
                 Some(first) => outcomes.push(AlarmOutcome::Duplicate(*first)),
                 None => {
-                    existing.insert(alarm.dedupe_key.as_str().to_owned(), *id);
-                    outcomes.push(AlarmOutcome::Stored(*id));
-                    fresh.push((id.to_string(), alarm));
+                    existing.insert(b.alarm.dedupe_key.as_str().to_owned(), b.id);
+                    outcomes.push(AlarmOutcome::Stored(b.id));
+                    fresh.push((b.id.to_string(), b));
                 }
             }
         }
@@ -117,7 +124,8 @@ impl SqliteStore {
                  restore, zone, sensor, battery_pct, rssi, lat, lon, text, raised_at, \
                  received_at, stored_at, source_kind, source_id, source_code, raw, dedupe_key) ",
             );
-            q.push_values(chunk, |mut row, (id, a)| {
+            q.push_values(chunk, |mut row, (id, b)| {
+                let a = &b.alarm;
                 let d = &a.details;
                 row.push_bind(id.as_str())
                     .push_bind(a.tenant.as_str())
@@ -147,12 +155,18 @@ impl SqliteStore {
         }
         for chunk in fresh.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO outbox (alarm_id, priority, state, created_at, due_at) ",
+                "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
+                 failover_after_ms, stored_at, routed_at, due_at) ",
             );
-            q.push_values(chunk, |mut row, (id, a)| {
+            q.push_values(chunk, |mut row, (id, b)| {
+                let chain = serde_json::to_string(&b.route.chain).unwrap_or_else(|_| "[]".into());
                 row.push_bind(id.as_str())
-                    .push_bind(i64::from(a.priority().number()))
+                    .push_bind(i64::from(b.alarm.priority().number()))
                     .push_bind("pending")
+                    .push_bind(b.route.contract_id.as_deref())
+                    .push_bind(chain)
+                    .push_bind(millis(b.route.failover_after))
+                    .push_bind(stored_ms)
                     .push_bind(stored_ms)
                     .push_bind(stored_ms);
             });
@@ -224,6 +238,19 @@ impl SqliteStore {
                 }
             }
         }
+        if let Some(row) = sqlx::query("SELECT routed_at, contract_id FROM outbox WHERE alarm_id = ?")
+            .bind(&id)
+            .fetch_optional(&self.pool)
+            .await?
+        {
+            let contract: Option<String> = row.try_get("contract_id")?;
+            stages.push(StageTime {
+                stage: "routed".to_owned(),
+                at: from_millis(row.try_get("routed_at")?),
+                provider: None,
+                detail: Some(contract.unwrap_or_else(|| "uncontracted".to_owned())),
+            });
+        }
         let rows = sqlx::query(
             "SELECT stage, at, provider, detail FROM alarm_stages WHERE alarm_id = ? \
              ORDER BY at, rowid",
@@ -286,9 +313,251 @@ impl SqliteStore {
             .collect()
     }
 
+    pub(super) async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let done = sqlx::query(
+            "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
+        )
+        .bind(owner)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    pub(super) async fn claim_due(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<Claimed>, StoreError> {
+        let now_ms = to_millis(now);
+        let rows = sqlx::query(
+            "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE alarm_id IN ( \
+                 SELECT alarm_id FROM outbox WHERE state = 'pending' AND due_at <= ? \
+                 AND (lease_until IS NULL OR lease_until <= ?) \
+                 ORDER BY priority, due_at LIMIT ?) \
+             RETURNING alarm_id, priority, due_at, contract_id, chain, position, rejected, \
+                 exhausted, attempts, provider_attempts, failover_after_ms, stored_at",
+        )
+        .bind(owner)
+        .bind(to_millis(lease_until))
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut plans = Vec::with_capacity(rows.len());
+        for r in &rows {
+            let id: String = r.try_get("alarm_id")?;
+            let priority: i64 = r.try_get("priority")?;
+            let due: i64 = r.try_get("due_at")?;
+            let plan = Plan {
+                chain: json_list(r.try_get("chain")?)?,
+                position: usize::try_from(r.try_get::<i64, _>("position")?).unwrap_or(0),
+                rejected: json_list(r.try_get("rejected")?)?,
+                exhausted: r.try_get("exhausted")?,
+                attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+                provider_attempts: u32::try_from(r.try_get::<i64, _>("provider_attempts")?)
+                    .unwrap_or(u32::MAX),
+                stored_at: from_millis(r.try_get("stored_at")?),
+                failover_after: Duration::from_millis(
+                    u64::try_from(r.try_get::<i64, _>("failover_after_ms")?).unwrap_or(0),
+                ),
+            };
+            let contract_id: Option<String> = r.try_get("contract_id")?;
+            plans.push((priority, due, id, contract_id, plan));
+        }
+        plans.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let mut alarms: HashMap<String, Alarm> = HashMap::with_capacity(plans.len());
+        for chunk in plans.chunks(MAX_PARAMS) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{ALARM_SELECT} WHERE id IN ("));
+            let mut list = q.separated(", ");
+            for (_, _, id, _, _) in chunk {
+                list.push_bind(id.as_str());
+            }
+            list.push_unseparated(")");
+            for row in q.build().fetch_all(&self.pool).await? {
+                let alarm = alarm_from_row(&row)?;
+                alarms.insert(alarm.id.to_string(), alarm);
+            }
+        }
+        let mut claimed = Vec::with_capacity(plans.len());
+        for (_, _, id, contract_id, plan) in plans {
+            let alarm = alarms
+                .remove(&id)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} has no alarm")))?;
+            claimed.push(Claimed {
+                alarm,
+                contract_id,
+                plan,
+            });
+        }
+        Ok(claimed)
+    }
+
+    pub(super) async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), StoreError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        // Stage rows: the attempt, then an acceptance or a dead letter.
+        let mut stages: Vec<(String, &'static str, i64, Option<&str>, &str)> = Vec::new();
+        for r in records {
+            let id = r.alarm_id.to_string();
+            stages.push((id.clone(), "attempt", to_millis(r.started_at), Some(r.provider.as_str()), r.detail.as_str()));
+            match &r.decision {
+                Decision::Delivered => {
+                    stages.push((id, "accepted", to_millis(r.finished_at), Some(r.provider.as_str()), r.detail.as_str()));
+                }
+                Decision::DeadLetter { .. } => {
+                    stages.push((id, "dead_letter", to_millis(r.finished_at), None, "every provider rejected the alarm"));
+                }
+                Decision::Retry { .. } => {}
+            }
+        }
+        for chunk in stages.chunks(MAX_PARAMS / STAGE_COLUMNS) {
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) ");
+            q.push_values(chunk, |mut row, (id, stage, at, provider, detail)| {
+                row.push_bind(id.as_str())
+                    .push_bind(*stage)
+                    .push_bind(*at)
+                    .push_bind(*provider)
+                    .push_bind(*detail);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        // Outbox rows: the new state, claims released.
+        for chunk in records.chunks(MAX_PARAMS / OUTCOME_COLUMNS) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "WITH v(alarm_id, state, position, rejected, exhausted, attempts, \
+                 provider_attempts, due_at, accepted_at, accepted_by) AS (",
+            );
+            q.push_values(chunk, |mut row, r| {
+                let (state, plan, due, accepted_at, accepted_by) = match &r.decision {
+                    Decision::Delivered => ("delivered", None, r.finished_at, Some(to_millis(r.finished_at)), Some(r.provider.as_str())),
+                    Decision::Retry { plan, due_at } => ("pending", Some(plan), *due_at, None, None),
+                    Decision::DeadLetter { plan } => ("dead_letter", Some(plan), r.finished_at, None, None),
+                };
+                row.push_bind(r.alarm_id.to_string())
+                    .push_bind(state)
+                    .push_bind(plan.map(|p| i64::try_from(p.position).unwrap_or(0)))
+                    .push_bind(plan.map(|p| serde_json::to_string(&p.rejected).unwrap_or_else(|_| "[]".into())))
+                    .push_bind(plan.map(|p| p.exhausted))
+                    .push_bind(plan.map(|p| i64::from(p.attempts)))
+                    .push_bind(plan.map(|p| i64::from(p.provider_attempts)))
+                    .push_bind(to_millis(due))
+                    .push_bind(accepted_at)
+                    .push_bind(accepted_by);
+            });
+            q.push(
+                ") UPDATE outbox SET state = v.state, \
+                 position = COALESCE(v.position, outbox.position), \
+                 rejected = COALESCE(v.rejected, outbox.rejected), \
+                 exhausted = COALESCE(v.exhausted, outbox.exhausted), \
+                 attempts = COALESCE(v.attempts, outbox.attempts + 1), \
+                 provider_attempts = COALESCE(v.provider_attempts, outbox.provider_attempts), \
+                 due_at = v.due_at, accepted_at = v.accepted_at, accepted_by = v.accepted_by, \
+                 lease_owner = NULL, lease_until = NULL \
+                 FROM v WHERE outbox.alarm_id = v.alarm_id",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn outbox_row(&self, id: AlarmId) -> Result<Option<OutboxRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT state, contract_id, chain, position, rejected, exhausted, attempts, due_at, \
+             routed_at, lease_owner, lease_until, accepted_at, accepted_by \
+             FROM outbox WHERE alarm_id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        Ok(Some(OutboxRow {
+            state: r.try_get("state")?,
+            contract_id: r.try_get("contract_id")?,
+            chain: json_list(r.try_get("chain")?)?,
+            position: usize::try_from(r.try_get::<i64, _>("position")?).unwrap_or(0),
+            rejected: json_list(r.try_get("rejected")?)?,
+            exhausted: r.try_get("exhausted")?,
+            attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+            due_at: from_millis(r.try_get("due_at")?),
+            routed_at: from_millis(r.try_get("routed_at")?),
+            lease_owner: r.try_get("lease_owner")?,
+            lease_until: r.try_get::<Option<i64>, _>("lease_until")?.map(from_millis),
+            accepted_at: r.try_get::<Option<i64>, _>("accepted_at")?.map(from_millis),
+            accepted_by: r.try_get("accepted_by")?,
+        }))
+    }
+
+    pub(super) async fn attempted_by(&self, id: AlarmId, provider: &str) -> Result<bool, StoreError> {
+        let found: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM alarm_stages WHERE alarm_id = ? AND stage = 'attempt' AND provider = ? LIMIT 1",
+        )
+        .bind(id.to_string())
+        .bind(provider)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(found.is_some())
+    }
+
+    pub(super) async fn record_progress(&self, report: &ProgressReport) -> Result<ProgressResult, StoreError> {
+        let id = report.alarm_id.to_string();
+        let mut tx = self.pool.begin().await?;
+        let states: Vec<String> = sqlx::query_scalar(
+            "SELECT stage FROM alarm_stages WHERE alarm_id = ? AND stage IN ('answered', 'resolved')",
+        )
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?;
+        let has = |s: ProgressState| states.iter().any(|x| x == s.name());
+        if has(report.state) {
+            return Ok(ProgressResult::Repeated);
+        }
+        if report.state == ProgressState::Answered && has(ProgressState::Resolved) {
+            return Ok(ProgressResult::Backwards);
+        }
+        sqlx::query(
+            "INSERT OR IGNORE INTO alarm_stages (alarm_id, stage, at, provider, detail, reported_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&id)
+        .bind(report.state.name())
+        .bind(to_millis(report.at))
+        .bind(&report.provider)
+        .bind(report.outcome.as_deref())
+        .bind(to_millis(report.reported_at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ProgressResult::Recorded)
+    }
+
+    pub(super) async fn count_delivered(&self) -> Result<u64, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE state = 'delivered'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+fn json_list(text: String) -> Result<Vec<String>, StoreError> {
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("provider list {text:?}: {e}")))
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn parse_id(id: &str) -> Result<AlarmId, StoreError> {

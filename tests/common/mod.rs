@@ -93,6 +93,9 @@ pub fn config_toml(
 [store]
 url = "sqlite://{db}"
 
+[api]
+listen = "127.0.0.1:0"
+
 [ingest]
 batch_wait_ms = 1
 
@@ -233,12 +236,27 @@ impl Device {
         self.next_reply().await
     }
 
+    /// A reply that has already arrived, if any.
+    pub fn try_reply(&mut self) -> Option<Value> {
+        self.acks.try_recv().ok()
+    }
+
     /// The next reply on this device's ack topic.
     pub async fn next_reply(&mut self) -> Value {
         tokio::time::timeout(WAIT, self.acks.recv())
             .await
             .expect("a reply within the wait")
             .expect("device connection alive")
+    }
+}
+
+/// Waits (checking every 10 ms) until `condition` holds; fails the test
+/// after [`WAIT`].
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
