@@ -46,7 +46,13 @@ pub struct ApiState {
 }
 
 impl ApiState {
-    pub fn new(config: &Config, store: Store, clock: SharedClock, metrics: Arc<Metrics>, ready: Readiness) -> ApiState {
+    pub fn new(
+        config: &Config,
+        store: Store,
+        clock: SharedClock,
+        metrics: Arc<Metrics>,
+        ready: Readiness,
+    ) -> ApiState {
         let tokens = config
             .providers
             .iter()
@@ -104,7 +110,10 @@ async fn readyz(State(state): State<ApiState>) -> Response {
 
 async fn metrics(State(state): State<ApiState>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         state.metrics.render(),
     )
         .into_response()
@@ -117,7 +126,10 @@ async fn progress(
     body: Bytes,
 ) -> Response {
     let Some(provider) = state.provider_for(&headers) else {
-        return error(StatusCode::UNAUTHORIZED, "a valid provider bearer token is required");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "a valid provider bearer token is required",
+        );
     };
     let Ok(id) = alarm_id.parse::<AlarmId>() else {
         return error(StatusCode::NOT_FOUND, "no such alarm");
@@ -166,7 +178,10 @@ async fn progress(
 
 fn store_failed(e: &crate::store::StoreError) -> Response {
     tracing::error!(error = %e, "progress API cannot reach the store");
-    error(StatusCode::SERVICE_UNAVAILABLE, "the store is unavailable; try again")
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the store is unavailable; try again",
+    )
 }
 
 type Parsed = (ProgressState, DateTime<Utc>, Option<String>);
@@ -204,7 +219,11 @@ fn parse_report(
     let outcome = match obj.get("outcome") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.chars().count() <= MAX_OUTCOME => Some(s.clone()),
-        Some(_) => return Err(unprocessable("outcome must be a string of at most 1024 characters")),
+        Some(_) => {
+            return Err(unprocessable(
+                "outcome must be a string of at most 1024 characters",
+            ))
+        }
     };
     Ok((state, at, outcome))
 }
@@ -221,17 +240,42 @@ mod tests {
     fn bodies_are_checked_against_the_contract() {
         let recv = t("2026-11-22T10:00:00.000Z");
         let now = t("2026-11-22T10:05:00.000Z");
-        let ok = parse_report(br#"{"state":"answered","at":"2026-11-22T10:00:30.000Z","outcome":"spoke"}"#, recv, now).unwrap();
+        let ok = parse_report(
+            br#"{"state":"answered","at":"2026-11-22T10:00:30.000Z","outcome":"spoke"}"#,
+            recv,
+            now,
+        )
+        .unwrap();
         assert_eq!(ok.0, ProgressState::Answered);
         assert_eq!(ok.2.as_deref(), Some("spoke"));
         let code = |b: &str| parse_report(b.as_bytes(), recv, now).unwrap_err().0;
         assert_eq!(code("nope"), StatusCode::BAD_REQUEST);
         assert_eq!(code("[]"), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(code(r#"{"state":"closed","at":"2026-11-22T10:00:30Z"}"#), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(code(r#"{"state":"answered"}"#), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(code(r#"{"state":"answered","at":"2026-11-22T09:59:59.999Z"}"#), StatusCode::UNPROCESSABLE_ENTITY);
-        assert_eq!(code(r#"{"state":"answered","at":"2026-11-22T10:06:00.001Z"}"#), StatusCode::UNPROCESSABLE_ENTITY);
-        assert!(parse_report(br#"{"state":"resolved","at":"2026-11-22T10:06:00.000Z"}"#, recv, now).is_ok());
-        assert_eq!(code(r#"{"state":"answered","at":"2026-11-22T10:01:00Z","outcome":5}"#), StatusCode::UNPROCESSABLE_ENTITY);
+        assert_eq!(
+            code(r#"{"state":"closed","at":"2026-11-22T10:00:30Z"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            code(r#"{"state":"answered"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            code(r#"{"state":"answered","at":"2026-11-22T09:59:59.999Z"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            code(r#"{"state":"answered","at":"2026-11-22T10:06:00.001Z"}"#),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert!(parse_report(
+            br#"{"state":"resolved","at":"2026-11-22T10:06:00.000Z"}"#,
+            recv,
+            now
+        )
+        .is_ok());
+        assert_eq!(
+            code(r#"{"state":"answered","at":"2026-11-22T10:01:00Z","outcome":5}"#),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
     }
 }

@@ -115,7 +115,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
 
     // deliver: claims due outbox rows, woken by each commit.
     let cancel_delivery = CancellationToken::new();
-    let dispatcher = Dispatcher::new(&config, store.clone(), clock.clone(), metrics.clone(), committed)?;
+    let dispatcher = Dispatcher::new(
+        &config,
+        store.clone(),
+        clock.clone(),
+        metrics.clone(),
+        committed,
+    )?;
     let dispatcher = tokio::spawn(dispatcher.run(cancel_delivery.clone()));
 
     // sources: each runs until shutdown.
@@ -155,7 +161,13 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         addr: config.api.listen,
         source,
     })?;
-    let state = ApiState::new(&config, store.clone(), clock.clone(), metrics.clone(), ready.clone());
+    let state = ApiState::new(
+        &config,
+        store.clone(),
+        clock.clone(),
+        metrics.clone(),
+        ready.clone(),
+    );
     let stop_api = cancel_delivery.clone();
     let api = tokio::spawn(async move {
         let served = axum::serve(listener, api::router(state))
@@ -217,12 +229,16 @@ impl Gateway {
             .await
             .is_ok();
         self.ingest = None;
-        let writer_done = tokio::time::timeout_at(deadline, &mut self.writer).await.is_ok();
+        let writer_done = tokio::time::timeout_at(deadline, &mut self.writer)
+            .await
+            .is_ok();
         self.cancel_delivery.cancel();
         let dispatcher_done = tokio::time::timeout_at(deadline, &mut self.dispatcher)
             .await
             .is_ok();
-        let api_done = tokio::time::timeout_at(deadline, &mut self.api).await.is_ok();
+        let api_done = tokio::time::timeout_at(deadline, &mut self.api)
+            .await
+            .is_ok();
         if !dispatcher_done {
             self.dispatcher.abort();
         }

@@ -214,9 +214,9 @@ impl Writer {
         for job in jobs.drain(..) {
             match job {
                 Job::Alarm(alarm, reply) => {
-                    let route = self
-                        .router
-                        .route(&alarm.tenant, alarm.priority(), alarm.received_at);
+                    let route =
+                        self.router
+                            .route(&alarm.tenant, alarm.priority(), alarm.received_at);
                     batch.alarms.push(BatchAlarm {
                         id: AlarmId::new_v7(),
                         alarm,

@@ -127,13 +127,41 @@ impl Metrics {
                 "group-commit transactions that failed",
                 &self.store_commit_failures,
             ),
-            ("telegate_deliveries_attempted_total", "delivery attempts made", &self.deliveries_attempted),
-            ("telegate_deliveries_accepted_total", "delivery attempts accepted by a provider", &self.deliveries_accepted),
-            ("telegate_deliveries_failed_total", "delivery attempts that failed", &self.deliveries_failed),
-            ("telegate_failovers_total", "alarms handed to the next provider", &self.failovers),
-            ("telegate_chains_exhausted_total", "alarms past every deadline without acceptance", &self.chains_exhausted),
-            ("telegate_dead_letters_total", "alarms every provider rejected", &self.dead_letters),
-            ("telegate_progress_reports_total", "answered/resolved reports recorded", &self.progress_reports),
+            (
+                "telegate_deliveries_attempted_total",
+                "delivery attempts made",
+                &self.deliveries_attempted,
+            ),
+            (
+                "telegate_deliveries_accepted_total",
+                "delivery attempts accepted by a provider",
+                &self.deliveries_accepted,
+            ),
+            (
+                "telegate_deliveries_failed_total",
+                "delivery attempts that failed",
+                &self.deliveries_failed,
+            ),
+            (
+                "telegate_failovers_total",
+                "alarms handed to the next provider",
+                &self.failovers,
+            ),
+            (
+                "telegate_chains_exhausted_total",
+                "alarms past every deadline without acceptance",
+                &self.chains_exhausted,
+            ),
+            (
+                "telegate_dead_letters_total",
+                "alarms every provider rejected",
+                &self.dead_letters,
+            ),
+            (
+                "telegate_progress_reports_total",
+                "answered/resolved reports recorded",
+                &self.progress_reports,
+            ),
         ];
         for (name, help, counter) in plain {
             let _ = writeln!(

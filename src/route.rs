@@ -154,10 +154,18 @@ default_provider = "spare"
         assert_eq!(r.chain, ["north", "south", "spare"]);
         assert_eq!(r.failover_after, Duration::from_secs(5));
         assert!(!r.uncontracted());
-        let r = router.route("derbyshire", Priority::Technical, at("2025-06-01T10:00:00Z"));
+        let r = router.route(
+            "derbyshire",
+            Priority::Technical,
+            at("2025-06-01T10:00:00Z"),
+        );
         assert_eq!(r.contract_id.as_deref(), Some("OLD"));
         assert_eq!(r.chain, ["south"]);
-        assert_eq!(r.failover_after, Duration::from_secs(300), "default deadline");
+        assert_eq!(
+            r.failover_after,
+            Duration::from_secs(300),
+            "default deadline"
+        );
     }
 
     #[test]
@@ -180,7 +188,7 @@ default_provider = "spare"
         let router = Router::new(&config());
         for (tenant, when) in [
             ("nowhere", "2026-11-22T10:00:00Z"),
-            ("notts", "2026-03-31T12:00:00Z"),    // before its contract
+            ("notts", "2026-03-31T12:00:00Z"), // before its contract
             ("notts", "2027-04-01T00:30:00+01:00"), // after it expired
             ("derbyshire", "2024-01-01T00:00:00Z"),
         ] {

@@ -44,7 +44,10 @@ async fn run_serves_devices_and_stops_cleanly_on_sigterm() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match lines.recv_timeout(left) {
             Ok(line) => log.push(line),
-            Err(_) => panic!("telegate did not report ready; log so far:\n{}", log.join("\n")),
+            Err(_) => panic!(
+                "telegate did not report ready; log so far:\n{}",
+                log.join("\n")
+            ),
         }
     }
     assert!(

@@ -437,15 +437,34 @@ async fn no_reply_when_the_store_cannot_commit_and_the_alarm_is_taken_once_it_ca
             Metrics::get(&metrics.store_commit_failures) >= 1
         })
         .await;
-        assert_eq!(dev.try_reply(), None, "{}: no reply without a commit", broker.name());
-        assert!(h.gateway.store.alarms_of_device(&tenant, "pendant-9").await.unwrap().is_empty());
+        assert_eq!(
+            dev.try_reply(),
+            None,
+            "{}: no reply without a commit",
+            broker.name()
+        );
+        assert!(h
+            .gateway
+            .store
+            .alarms_of_device(&tenant, "pendant-9")
+            .await
+            .unwrap()
+            .is_empty());
 
         // Once the store can commit again, the message the gateway never
         // acknowledged comes back from the broker and is accepted.
-        sqlx::query("DROP TRIGGER refuse").execute(&pool).await.unwrap();
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&pool)
+            .await
+            .unwrap();
         let reply = dev.next_reply().await;
         assert_eq!(reply["status"], "accepted", "{}: {reply}", broker.name());
-        let rows = h.gateway.store.alarms_of_device(&tenant, "pendant-9").await.unwrap();
+        let rows = h
+            .gateway
+            .store
+            .alarms_of_device(&tenant, "pendant-9")
+            .await
+            .unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].id, alarm_id(&reply));
         pool.close().await;

@@ -13,13 +13,13 @@ use std::time::Duration;
 use chrono::NaiveDate;
 
 use super::raw::{
-    describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawDeliver, RawFailoverAfter, RawIngest,
-    RawMqtt, RawProvider, RawSerial, RawStore,
+    describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawDeliver, RawFailoverAfter,
+    RawIngest, RawMqtt, RawProvider, RawSerial, RawStore,
 };
 use super::{
-    AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, DeliverConfig, FailoverAfter,
-    IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RoutingConfig, Secret, SerialConfig,
-    SerialFormat, StoreConfig, StoreUrl,
+    AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, DeliverConfig,
+    FailoverAfter, IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RoutingConfig, Secret,
+    SerialConfig, SerialFormat, StoreConfig, StoreUrl,
 };
 
 /// Longest id, tenant, client id or group name.

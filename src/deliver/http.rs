@@ -59,15 +59,24 @@ impl HttpProvider {
     /// # Errors
     /// A [`DeliveryError`]; [`DeliveryError::is_retriable`] says whether the
     /// same provider may be tried again.
-    pub async fn deliver(&self, delivery: &Delivery, now: DateTime<Utc>) -> Result<Receipt, DeliveryError> {
-        let body = serde_json::to_vec(&body(delivery)).map_err(|e| DeliveryError::Request(e.to_string()))?;
+    pub async fn deliver(
+        &self,
+        delivery: &Delivery,
+        now: DateTime<Utc>,
+    ) -> Result<Receipt, DeliveryError> {
+        let body = serde_json::to_vec(&body(delivery))
+            .map_err(|e| DeliveryError::Request(e.to_string()))?;
         let timestamp = now.timestamp().to_string();
         let mut headers = HeaderMap::new();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        let header = |v: &str| HeaderValue::from_str(v).map_err(|e| DeliveryError::Request(e.to_string()));
+        let header =
+            |v: &str| HeaderValue::from_str(v).map_err(|e| DeliveryError::Request(e.to_string()));
         headers.insert("idempotency-key", header(&delivery.alarm.id.to_string())?);
         headers.insert("x-telegate-timestamp", header(&timestamp)?);
-        headers.insert("x-telegate-signature", header(&sign(&self.secret, &timestamp, &body))?);
+        headers.insert(
+            "x-telegate-signature",
+            header(&sign(&self.secret, &timestamp, &body))?,
+        );
         let response = self
             .client
             .post(self.url.clone())
@@ -89,7 +98,9 @@ impl HttpProvider {
 /// Turns a response status into a receipt or an error.
 fn classify(status: StatusCode, headers: &HeaderMap) -> Result<Receipt, DeliveryError> {
     if status.is_success() || status == StatusCode::CONFLICT {
-        return Ok(Receipt { status: status.as_u16() });
+        return Ok(Receipt {
+            status: status.as_u16(),
+        });
     }
     let retry_after = headers
         .get(RETRY_AFTER)
@@ -176,19 +187,28 @@ mod tests {
         let mut mac = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
         mac.update(b"The quick brown fox jumps over the lazy dog");
         let whole = hex::encode(mac.finalize().into_bytes());
-        assert_eq!(whole, "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8");
+        assert_eq!(
+            whole,
+            "f7bc83f430538424b13298e6aa6fb143ef4d59a14946175997479dbc2d1a3cd8"
+        );
         // And what is signed: the timestamp, a dot, the body.
         let joined = sign(b"key", "The", b"quick");
         let mut mac = Hmac::<Sha256>::new_from_slice(b"key").unwrap();
         mac.update(b"The.quick");
-        assert_eq!(joined, format!("v1={}", hex::encode(mac.finalize().into_bytes())));
+        assert_eq!(
+            joined,
+            format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
     }
 
     #[test]
     fn statuses_are_classified_as_the_contract_says() {
         let h = HeaderMap::new();
         for ok in [200, 201, 202, 204, 409] {
-            assert!(classify(StatusCode::from_u16(ok).unwrap(), &h).is_ok(), "{ok}");
+            assert!(
+                classify(StatusCode::from_u16(ok).unwrap(), &h).is_ok(),
+                "{ok}"
+            );
         }
         for retry in [408, 425, 429, 500, 502, 503, 504] {
             let e = classify(StatusCode::from_u16(retry).unwrap(), &h).unwrap_err();

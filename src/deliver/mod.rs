@@ -120,7 +120,11 @@ pub enum Provider {
 impl Provider {
     /// # Errors
     /// As the adapter's `deliver`.
-    pub async fn deliver(&self, delivery: &Delivery, now: DateTime<Utc>) -> Result<Receipt, DeliveryError> {
+    pub async fn deliver(
+        &self,
+        delivery: &Delivery,
+        now: DateTime<Utc>,
+    ) -> Result<Receipt, DeliveryError> {
         match self {
             Provider::Http(p) => p.deliver(delivery, now).await,
         }
@@ -201,10 +205,12 @@ impl Dispatcher {
         let mut lanes = HashMap::new();
         for p in &config.providers {
             let provider = match p.kind {
-                ProviderKind::Http => Provider::Http(HttpProvider::new(p).map_err(|source| BuildError {
-                    id: p.id.clone(),
-                    source,
-                })?),
+                ProviderKind::Http => {
+                    Provider::Http(HttpProvider::new(p).map_err(|source| BuildError {
+                        id: p.id.clone(),
+                        source,
+                    })?)
+                }
             };
             providers.insert(p.id.clone(), Arc::new(provider));
             for lane in [Lane::Life, Lane::Technical] {
@@ -234,7 +240,12 @@ impl Dispatcher {
             Err(e) => tracing::error!(error = %e, "cannot release earlier outbox claims"),
         }
         let (results_tx, results_rx) = mpsc::channel(self.config.claim_batch.max(1) * 4);
-        let recorder = record_loop(self.store.clone(), results_rx, self.wake.clone(), self.metrics.clone());
+        let recorder = record_loop(
+            self.store.clone(),
+            results_rx,
+            self.wake.clone(),
+            self.metrics.clone(),
+        );
         let claimer = self.claim_loop(results_tx, cancel);
         tokio::join!(claimer, recorder);
         tracing::debug!("dispatcher stopped");
@@ -250,7 +261,11 @@ impl Dispatcher {
             if room > 0 {
                 let now = self.clock.now();
                 let until = add(now, self.config.lease);
-                match self.store.claim_due(&self.config.instance_id, now, until, room).await {
+                match self
+                    .store
+                    .claim_due(&self.config.instance_id, now, until, room)
+                    .await
+                {
                     Ok(claimed) => {
                         claimed_all = claimed.len() == room;
                         for c in claimed {
@@ -338,7 +353,9 @@ impl Dispatcher {
                 decision,
             };
             if results.send(record).await.is_err() {
-                tracing::error!("delivery recorder stopped; the claim will be retried after its lease");
+                tracing::error!(
+                    "delivery recorder stopped; the claim will be retried after its lease"
+                );
             }
         }
     }

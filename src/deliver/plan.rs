@@ -151,7 +151,9 @@ impl Plan {
             return;
         }
         if !self.exhausted {
-            if let Some(next) = (self.position + 1..len).find(|&i| !self.rejected.contains(&self.chain[i])) {
+            if let Some(next) =
+                (self.position + 1..len).find(|&i| !self.rejected.contains(&self.chain[i]))
+            {
                 self.position = next;
                 return;
             }
@@ -217,7 +219,10 @@ mod tests {
 
     #[test]
     fn accepted_is_delivered() {
-        assert_eq!(plan(&["a"]).next(AttemptOutcome::Accepted, t(1), 0.5), Decision::Delivered);
+        assert_eq!(
+            plan(&["a"]).next(AttemptOutcome::Accepted, t(1), 0.5),
+            Decision::Delivered
+        );
     }
 
     #[test]
@@ -293,7 +298,13 @@ mod tests {
         assert_eq!(backoff(1, 0.0, None), Duration::from_millis(125));
         assert_eq!(backoff(30, 1.0, None), BACKOFF_CAP);
         assert!(backoff(30, 0.0, None) >= BACKOFF_CAP / 2);
-        assert_eq!(backoff(1, 0.0, Some(Duration::from_secs(7))), Duration::from_secs(7));
-        assert_eq!(backoff(1, 0.0, Some(Duration::from_secs(100_000))), Duration::from_secs(300));
+        assert_eq!(
+            backoff(1, 0.0, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            backoff(1, 0.0, Some(Duration::from_secs(100_000))),
+            Duration::from_secs(300)
+        );
     }
 }

@@ -355,7 +355,10 @@ impl Store {
     ///
     /// # Errors
     /// On a database failure.
-    pub async fn record_progress(&self, report: &ProgressReport) -> Result<ProgressResult, StoreError> {
+    pub async fn record_progress(
+        &self,
+        report: &ProgressReport,
+    ) -> Result<ProgressResult, StoreError> {
         match self {
             Store::Sqlite(s) => s.record_progress(report).await,
         }

@@ -16,8 +16,8 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::{
-    AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState,
-    QuarantineEntry, QuarantineRow, StageTime, StoreError,
+    AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
+    QuarantineRow, StageTime, StoreError,
 };
 use crate::deliver::plan::{Decision, Plan};
 use crate::deliver::{AttemptRecord, Claimed};
@@ -71,13 +71,21 @@ impl SqliteStore {
         Ok(SqliteStore { pool })
     }
 
+    /// A write transaction. `BEGIN IMMEDIATE` takes the write lock up front:
+    /// a deferred transaction that reads first and writes later fails at
+    /// once with SQLITE_BUSY when another connection (the dispatcher, the
+    /// API) wrote in between, and the busy timeout cannot help it.
+    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
     pub(super) async fn commit_batch(
         &self,
         batch: &Batch,
         stored_at: DateTime<Utc>,
         dedupe_since: DateTime<Utc>,
     ) -> Result<Vec<AlarmOutcome>, StoreError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
 
         // Which keys are already stored within the window?
         let mut existing: HashMap<String, AlarmId> = HashMap::new();
@@ -238,10 +246,11 @@ impl SqliteStore {
                 }
             }
         }
-        if let Some(row) = sqlx::query("SELECT routed_at, contract_id FROM outbox WHERE alarm_id = ?")
-            .bind(&id)
-            .fetch_optional(&self.pool)
-            .await?
+        if let Some(row) =
+            sqlx::query("SELECT routed_at, contract_id FROM outbox WHERE alarm_id = ?")
+                .bind(&id)
+                .fetch_optional(&self.pool)
+                .await?
         {
             let contract: Option<String> = row.try_get("contract_id")?;
             stages.push(StageTime {
@@ -370,10 +379,11 @@ impl SqliteStore {
             let contract_id: Option<String> = r.try_get("contract_id")?;
             plans.push((priority, due, id, contract_id, plan));
         }
-        plans.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        plans.sort_by_key(|p| (p.0, p.1));
         let mut alarms: HashMap<String, Alarm> = HashMap::with_capacity(plans.len());
         for chunk in plans.chunks(MAX_PARAMS) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{ALARM_SELECT} WHERE id IN ("));
+            let mut q: QueryBuilder<Sqlite> =
+                QueryBuilder::new(format!("{ALARM_SELECT} WHERE id IN ("));
             let mut list = q.separated(", ");
             for (_, _, id, _, _) in chunk {
                 list.push_bind(id.as_str());
@@ -398,29 +408,51 @@ impl SqliteStore {
         Ok(claimed)
     }
 
-    pub(super) async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), StoreError> {
+    pub(super) async fn record_attempts(
+        &self,
+        records: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         // Stage rows: the attempt, then an acceptance or a dead letter.
         let mut stages: Vec<(String, &'static str, i64, Option<&str>, &str)> = Vec::new();
         for r in records {
             let id = r.alarm_id.to_string();
-            stages.push((id.clone(), "attempt", to_millis(r.started_at), Some(r.provider.as_str()), r.detail.as_str()));
+            stages.push((
+                id.clone(),
+                "attempt",
+                to_millis(r.started_at),
+                Some(r.provider.as_str()),
+                r.detail.as_str(),
+            ));
             match &r.decision {
                 Decision::Delivered => {
-                    stages.push((id, "accepted", to_millis(r.finished_at), Some(r.provider.as_str()), r.detail.as_str()));
+                    stages.push((
+                        id,
+                        "accepted",
+                        to_millis(r.finished_at),
+                        Some(r.provider.as_str()),
+                        r.detail.as_str(),
+                    ));
                 }
                 Decision::DeadLetter { .. } => {
-                    stages.push((id, "dead_letter", to_millis(r.finished_at), None, "every provider rejected the alarm"));
+                    stages.push((
+                        id,
+                        "dead_letter",
+                        to_millis(r.finished_at),
+                        None,
+                        "every provider rejected the alarm",
+                    ));
                 }
                 Decision::Retry { .. } => {}
             }
         }
         for chunk in stages.chunks(MAX_PARAMS / STAGE_COLUMNS) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) ");
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) ",
+            );
             q.push_values(chunk, |mut row, (id, stage, at, provider, detail)| {
                 row.push_bind(id.as_str())
                     .push_bind(*stage)
@@ -438,14 +470,26 @@ impl SqliteStore {
             );
             q.push_values(chunk, |mut row, r| {
                 let (state, plan, due, accepted_at, accepted_by) = match &r.decision {
-                    Decision::Delivered => ("delivered", None, r.finished_at, Some(to_millis(r.finished_at)), Some(r.provider.as_str())),
-                    Decision::Retry { plan, due_at } => ("pending", Some(plan), *due_at, None, None),
-                    Decision::DeadLetter { plan } => ("dead_letter", Some(plan), r.finished_at, None, None),
+                    Decision::Delivered => (
+                        "delivered",
+                        None,
+                        r.finished_at,
+                        Some(to_millis(r.finished_at)),
+                        Some(r.provider.as_str()),
+                    ),
+                    Decision::Retry { plan, due_at } => {
+                        ("pending", Some(plan), *due_at, None, None)
+                    }
+                    Decision::DeadLetter { plan } => {
+                        ("dead_letter", Some(plan), r.finished_at, None, None)
+                    }
                 };
                 row.push_bind(r.alarm_id.to_string())
                     .push_bind(state)
                     .push_bind(plan.map(|p| i64::try_from(p.position).unwrap_or(0)))
-                    .push_bind(plan.map(|p| serde_json::to_string(&p.rejected).unwrap_or_else(|_| "[]".into())))
+                    .push_bind(plan.map(|p| {
+                        serde_json::to_string(&p.rejected).unwrap_or_else(|_| "[]".into())
+                    }))
                     .push_bind(plan.map(|p| p.exhausted))
                     .push_bind(plan.map(|p| i64::from(p.attempts)))
                     .push_bind(plan.map(|p| i64::from(p.provider_attempts)))
@@ -497,7 +541,11 @@ impl SqliteStore {
         }))
     }
 
-    pub(super) async fn attempted_by(&self, id: AlarmId, provider: &str) -> Result<bool, StoreError> {
+    pub(super) async fn attempted_by(
+        &self,
+        id: AlarmId,
+        provider: &str,
+    ) -> Result<bool, StoreError> {
         let found: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM alarm_stages WHERE alarm_id = ? AND stage = 'attempt' AND provider = ? LIMIT 1",
         )
@@ -508,9 +556,12 @@ impl SqliteStore {
         Ok(found.is_some())
     }
 
-    pub(super) async fn record_progress(&self, report: &ProgressReport) -> Result<ProgressResult, StoreError> {
+    pub(super) async fn record_progress(
+        &self,
+        report: &ProgressReport,
+    ) -> Result<ProgressResult, StoreError> {
         let id = report.alarm_id.to_string();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.write_tx().await?;
         let states: Vec<String> = sqlx::query_scalar(
             "SELECT stage FROM alarm_stages WHERE alarm_id = ? AND stage IN ('answered', 'resolved')",
         )
@@ -518,11 +569,13 @@ impl SqliteStore {
         .fetch_all(&mut *tx)
         .await?;
         let has = |s: ProgressState| states.iter().any(|x| x == s.name());
-        if has(report.state) {
-            return Ok(ProgressResult::Repeated);
-        }
+        // Going backwards is checked first: once resolved, `answered` is
+        // refused even when it was reported before.
         if report.state == ProgressState::Answered && has(ProgressState::Resolved) {
             return Ok(ProgressResult::Backwards);
+        }
+        if has(report.state) {
+            return Ok(ProgressResult::Repeated);
         }
         sqlx::query(
             "INSERT OR IGNORE INTO alarm_stages (alarm_id, stage, at, provider, detail, reported_at) \
@@ -553,7 +606,8 @@ impl SqliteStore {
 }
 
 fn json_list(text: String) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("provider list {text:?}: {e}")))
+    serde_json::from_str(&text)
+        .map_err(|e| StoreError::Corrupt(format!("provider list {text:?}: {e}")))
 }
 
 fn millis(d: Duration) -> i64 {

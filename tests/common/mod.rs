@@ -77,33 +77,9 @@ pub struct Harness {
     _external: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
-/// The TOML for a gateway on `broker`, storing in `db`.
-pub fn config_toml(
-    broker: &BrokerChoice,
-    port: u16,
-    client_id: &str,
-    db: &std::path::Path,
-) -> String {
-    let (scheme, host) = match broker {
-        BrokerChoice::Embedded => ("embedded", "127.0.0.1".to_owned()),
-        BrokerChoice::External { host, .. } => ("mqtt", host.clone()),
-    };
-    format!(
-        r#"
-[store]
-url = "sqlite://{db}"
-
-[api]
-listen = "127.0.0.1:0"
-
-[ingest]
-batch_wait_ms = 1
-
-[[mqtt]]
-id = "devices"
-url = "{scheme}://{host}:{port}"
-client_id = "{client_id}"
-
+/// Providers and routing for tests that do not look at delivery: one
+/// provider nobody listens for, so alarms stay in the outbox.
+pub const NO_DELIVERY: &str = r#"
 [[provider]]
 id = "arc-test"
 kind = "http"
@@ -113,7 +89,56 @@ token = "t0ken"
 
 [routing]
 default_provider = "arc-test"
-"#,
+"#;
+
+/// The TOML for a gateway on `broker`, storing in `db`, with no provider
+/// that accepts deliveries.
+pub fn config_toml(
+    broker: &BrokerChoice,
+    port: u16,
+    client_id: &str,
+    db: &std::path::Path,
+) -> String {
+    config_with(broker, port, client_id, db, NO_DELIVERY)
+}
+
+/// The TOML for a gateway on `broker`, storing in `db`, with `delivery`
+/// (providers, contracts, routing, optionally `[api]`) appended.
+pub fn config_with(
+    broker: &BrokerChoice,
+    port: u16,
+    client_id: &str,
+    db: &std::path::Path,
+    delivery: &str,
+) -> String {
+    let (scheme, host) = match broker {
+        BrokerChoice::Embedded => ("embedded", "127.0.0.1".to_owned()),
+        BrokerChoice::External { host, .. } => ("mqtt", host.clone()),
+    };
+    // A test that names its own API address brings its own [api] table.
+    let api = if delivery.contains("[api]") {
+        ""
+    } else {
+        "[api]\nlisten = \"127.0.0.1:0\"\n"
+    };
+    format!(
+        r#"
+[store]
+url = "sqlite://{db}"
+
+{api}
+
+[ingest]
+batch_wait_ms = 1
+
+[deliver]
+poll_ms = 20
+
+[[mqtt]]
+id = "devices"
+url = "{scheme}://{host}:{port}"
+client_id = "{client_id}"
+{delivery}"#,
         db = db.display()
     )
 }
@@ -121,6 +146,11 @@ default_provider = "arc-test"
 impl Harness {
     /// Starts a gateway against `broker` with a fresh SQLite file.
     pub async fn start(broker: &BrokerChoice) -> Harness {
+        Harness::start_with(broker, NO_DELIVERY).await
+    }
+
+    /// Starts a gateway with these providers, contracts and routing.
+    pub async fn start_with(broker: &BrokerChoice, delivery: &str) -> Harness {
         let external = match broker {
             BrokerChoice::External { .. } => Some(EXTERNAL.lock().await),
             BrokerChoice::Embedded => None,
@@ -134,7 +164,13 @@ impl Harness {
             BrokerChoice::External { host, port } => (host.clone(), *port),
         };
         let client_id = unique("tg-");
-        let toml = config_toml(broker, port, &client_id, &dir.path().join("telegate.db"));
+        let toml = config_with(
+            broker,
+            port,
+            &client_id,
+            &dir.path().join("telegate.db"),
+            delivery,
+        );
         let config =
             Config::from_toml_str(&toml, "test.toml", &|_| None).expect("valid test config");
         let gateway = telegate::app::start(config, telegate::clock::system())
@@ -255,7 +291,10 @@ impl Device {
 pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + WAIT;
     while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
