@@ -15,10 +15,11 @@
 //! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite (PostgreSQL later), migrated at start |
 //! | route | [`route`] | the contract in force for the tenant on the alarm's date; the route is stored with the alarm |
 //! | deliver | [`deliver`] | outbox rows claimed with a lease, signed webhooks, retries, failover, dead letters |
-//! | sla | — | service levels from the stage timestamps (later) |
+//! | sla | [`sla`] | service levels per contract from the stage timestamps |
 //! | report | — | contract managers' reports (later) |
 //!
-//! Around them: [`api`] (provider progress reports, health, metrics),
+//! Around them: [`demo`] (the whole service in one process, with the
+//! simulators of `firmware-sim`), [`api`] (provider progress reports, health, metrics),
 //! [`config`] (checked before use), [`app`] (wires and spawns
 //! the pipeline; read it top to bottom), [`broker`] (the embedded MQTT broker
 //! for demos and tests), [`metrics`] and [`events`] (what the gateway reports
@@ -44,11 +45,13 @@ pub mod broker;
 pub mod clock;
 pub mod config;
 pub mod deliver;
+pub mod demo;
 pub mod events;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
 pub mod route;
+pub mod sla;
 pub mod source;
 pub mod store;
 pub mod taxonomy;

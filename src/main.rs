@@ -39,6 +39,22 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Run everything on embedded defaults: broker, store, device fleet and
+    /// two simulated ARCs, then print the SLA table and a summary line.
+    Demo {
+        /// Seconds the fleet sends alarms.
+        #[arg(long, default_value_t = 20)]
+        duration: u64,
+        /// Alarms per second across the fleet.
+        #[arg(long, default_value_t = 50.0)]
+        rate: f64,
+        /// Simulated devices.
+        #[arg(long, default_value_t = 200)]
+        devices: usize,
+        /// Seed for the fleet and the ARCs.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -53,6 +69,38 @@ fn main() -> ExitCode {
                 ExitCode::from(EX_CONFIG)
             }
         },
+        Command::Demo {
+            duration,
+            rate,
+            devices,
+            seed,
+        } => {
+            init_tracing("error");
+            let options = telegate::demo::DemoOptions {
+                duration: Duration::from_secs(duration),
+                rate,
+                devices,
+                seed,
+            };
+            match demo(options) {
+                Ok(report) => {
+                    for (id, stats) in &report.arcs {
+                        eprintln!("{id}: {stats}");
+                    }
+                    println!("{}", telegate::sla::render_table(&report.slas));
+                    println!("{}", report.summary_line());
+                    if report.lost > 0 {
+                        ExitCode::FAILURE
+                    } else {
+                        ExitCode::SUCCESS
+                    }
+                }
+                Err(e) => {
+                    eprintln!("telegate demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config, grace_s } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -63,7 +111,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(EX_CONFIG);
                 }
             };
-            init_tracing();
+            init_tracing("info");
             match run(config, Duration::from_secs(grace_s)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -76,13 +124,42 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr at `default` level unless `RUST_LOG` says otherwise. The
+/// embedded broker logs every client disconnect as an error, which is not
+/// one an operator can act on, so it is silent unless asked for.
+fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rumqttd=off")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Runs the demo with a live progress line on stderr: rewritten in place on
+/// a terminal, a line every 5 s otherwise.
+#[tokio::main]
+async fn demo(
+    options: telegate::demo::DemoOptions,
+) -> Result<telegate::demo::DemoReport, telegate::demo::DemoError> {
+    use std::io::{IsTerminal, Write};
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_printed = std::time::Instant::now();
+    let report = telegate::demo::run(options, |p| {
+        let line = p.line();
+        if terminal {
+            eprint!("\r{line:<100}");
+            let _ = std::io::stderr().flush();
+        } else if last_printed.elapsed() >= Duration::from_secs(5) {
+            eprintln!("{line}");
+            last_printed = std::time::Instant::now();
+        }
+    })
+    .await;
+    if terminal {
+        eprintln!();
+    }
+    report
 }
 
 #[tokio::main]

@@ -46,6 +46,51 @@ fn contract(
     )
 }
 
+/// Two ARCs, one contract for a fresh tenant (north first, south as its
+/// fallback, failing over after `failover_s` seconds), and a gateway.
+struct TwoArcs {
+    north: ArcSim,
+    south: ArcSim,
+    tenant: String,
+    h: Harness,
+}
+
+async fn two_arcs(
+    contract_id: &str,
+    default_provider: &str,
+    failover_s: u32,
+    north_mode: Mode,
+) -> TwoArcs {
+    let north = arc_sim("north", None).await;
+    let south = arc_sim("south", None).await;
+    north.set_mode(north_mode).await.unwrap();
+    let tenant = unique("t");
+    let delivery = format!(
+        "{}{}{}[routing]\ndefault_provider = \"{default_provider}\"\n",
+        provider("north", &north),
+        provider("south", &south),
+        contract(
+            contract_id,
+            &tenant,
+            "north",
+            &["south"],
+            "2020-01-01",
+            "2099-12-31"
+        )
+        .replace(
+            "critical = 1, urgent = 1",
+            &format!("critical = {failover_s}, urgent = {failover_s}")
+        ),
+    );
+    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    TwoArcs {
+        north,
+        south,
+        tenant,
+        h,
+    }
+}
+
 fn alarm_id(reply: &Value) -> AlarmId {
     reply["alarm_id"]
         .as_str()
@@ -56,23 +101,12 @@ fn alarm_id(reply: &Value) -> AlarmId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_reaches_the_arc_signed_with_every_field_and_every_stage_is_stored() {
-    let north = arc_sim("north", None).await;
-    let south = arc_sim("south", None).await;
-    let tenant = unique("t");
-    let delivery = format!(
-        "{}{}{}[routing]\ndefault_provider = \"south\"\n",
-        provider("north", &north),
-        provider("south", &south),
-        contract(
-            "C-1",
-            &tenant,
-            "north",
-            &["south"],
-            "2020-01-01",
-            "2099-12-31"
-        ),
-    );
-    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    let TwoArcs {
+        north,
+        south,
+        tenant,
+        h,
+    } = two_arcs("C-1", "south", 1, Mode::Accept).await;
     let mut dev = h.device(&tenant, "pendant-4").await;
     let reply = dev
         .send(
@@ -182,24 +216,12 @@ async fn delivered(h: &Harness, id: AlarmId) -> Vec<telegate::store::StageTime> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover_time_and_not_back()
 {
-    let north = arc_sim("north", None).await;
-    let south = arc_sim("south", None).await;
-    north.set_mode(Mode::Unavailable).await.unwrap();
-    let tenant = unique("t");
-    let delivery = format!(
-        "{}{}{}[routing]\ndefault_provider = \"north\"\n",
-        provider("north", &north),
-        provider("south", &south),
-        contract(
-            "C-2",
-            &tenant,
-            "north",
-            &["south"],
-            "2020-01-01",
-            "2099-12-31"
-        ),
-    );
-    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    let TwoArcs {
+        north,
+        south,
+        tenant,
+        h,
+    } = two_arcs("C-2", "north", 1, Mode::Unavailable).await;
     let mut dev = h.device(&tenant, "fall-2").await;
     let reply = dev.send(json!({"seq": 1, "event": "fall"})).await;
     let id = alarm_id(&reply);
@@ -250,26 +272,13 @@ async fn an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_fails_over_at_once() {
-    let north = arc_sim("north", None).await;
-    let south = arc_sim("south", None).await;
-    north.set_mode(Mode::Reject(422)).await.unwrap();
-    let tenant = unique("t");
     // A long failover time: only a permanent rejection can move it this soon.
-    let delivery = format!(
-        "{}{}{}[routing]\ndefault_provider = \"north\"\n",
-        provider("north", &north),
-        provider("south", &south),
-        contract(
-            "C-3",
-            &tenant,
-            "north",
-            &["south"],
-            "2020-01-01",
-            "2099-12-31"
-        )
-        .replace("critical = 1, urgent = 1", "critical = 600, urgent = 600"),
-    );
-    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    let TwoArcs {
+        north,
+        south,
+        tenant,
+        h,
+    } = two_arcs("C-3", "north", 600, Mode::Reject(422)).await;
     let mut dev = h.device(&tenant, "smoke-3").await;
     let reply = dev.send(json!({"seq": 1, "sia": "FA"})).await;
     let id = alarm_id(&reply);
@@ -388,23 +397,9 @@ async fn deliveries_pending_at_a_restart_are_delivered_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_progress_api_answers_every_status_of_the_contract() {
-    let north = arc_sim("north", None).await;
-    let south = arc_sim("south", None).await;
-    let tenant = unique("t");
-    let delivery = format!(
-        "{}{}{}[routing]\ndefault_provider = \"north\"\n",
-        provider("north", &north),
-        provider("south", &south),
-        contract(
-            "C-6",
-            &tenant,
-            "north",
-            &["south"],
-            "2020-01-01",
-            "2099-12-31"
-        ),
-    );
-    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    let TwoArcs {
+        north, tenant, h, ..
+    } = two_arcs("C-6", "north", 1, Mode::Accept).await;
     let api = h.gateway.api_url();
     let http = reqwest::Client::new();
     let mut dev = h.device(&tenant, "pendant-6").await;

@@ -418,17 +418,7 @@ async fn no_reply_when_the_store_cannot_commit_and_the_alarm_is_taken_once_it_ca
         let h = Harness::start(&broker).await;
         let tenant = unique("t");
         // Make every commit that includes this tenant fail, as a full disk would.
-        let db = h.dir.path().join("telegate.db");
-        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
-            .await
-            .unwrap();
-        sqlx::query(&format!(
-            "CREATE TRIGGER refuse BEFORE INSERT ON alarms WHEN NEW.tenant = '{tenant}' \
-             BEGIN SELECT RAISE(ABORT, 'no space left'); END"
-        ))
-        .execute(&pool)
-        .await
-        .unwrap();
+        let refusal = common::StoreRefusal::new(&h, &tenant).await;
         let mut dev = h.device(&tenant, "pendant-9").await;
         dev.send_raw(json!({"seq": 1, "event": "personal_emergency"}).to_string())
             .await;
@@ -453,10 +443,7 @@ async fn no_reply_when_the_store_cannot_commit_and_the_alarm_is_taken_once_it_ca
 
         // Once the store can commit again, the message the gateway never
         // acknowledged comes back from the broker and is accepted.
-        sqlx::query("DROP TRIGGER refuse")
-            .execute(&pool)
-            .await
-            .unwrap();
+        refusal.lift().await;
         let reply = dev.next_reply().await;
         assert_eq!(reply["status"], "accepted", "{}: {reply}", broker.name());
         let rows = h
@@ -467,7 +454,6 @@ async fn no_reply_when_the_store_cannot_commit_and_the_alarm_is_taken_once_it_ca
             .unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(rows[0].id, alarm_id(&reply));
-        pool.close().await;
         h.stop().await;
     }
 }

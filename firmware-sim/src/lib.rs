@@ -6,15 +6,21 @@
 //! - [`arc`]: an alarm receiving centre. It receives signed deliveries over HTTP, answers them as a provider
 //!   would (accept, duplicate, unavailable, reject, or a closed port), and reports progress (answered,
 //!   resolved) back to the gateway's API after configurable operator delays.
-//! - `fleet` (to come): simulated devices that raise alarms over MQTT and serial lines.
+//! - [`fleet`]: a fleet of telecare devices. They share a few MQTT connections, raise alarms at a set rate
+//!   from a seed (a realistic mix of classes, in the `event`, `cid` and `sia` forms), send heartbeats, re-send
+//!   each alarm until the gateway acknowledges it, and on request inject duplicates, malformed payloads and
+//!   reboots; they count what they sent and how the gateway answered.
 //!
-//! The `firmware-sim` binary runs each simulator from the command line (`firmware-sim arc …`).
+//! The `firmware-sim` binary runs each simulator from the command line (`firmware-sim arc …`,
+//! `firmware-sim fleet …`).
 
 #![forbid(unsafe_code)]
 
 pub mod arc;
+pub mod fleet;
 
 pub use arc::{
     sign, Accepted, ArcConfig, ArcSim, ArcStats, Delay, DelayParseError, Mode, ProgressReport,
     ProgressState,
 };
+pub use fleet::{Fleet, FleetConfig, FleetStats, Mix, SentAlarm};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use firmware_sim::arc::{ArcConfig, ArcSim, Delay};
+use firmware_sim::fleet::{Fleet, FleetConfig};
 use tracing::error;
 use tracing_subscriber::EnvFilter;
 
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run an alarm receiving centre (ARC) that receives deliveries on POST /alarms.
     Arc(ArcArgs),
+    /// Run a fleet of simulated devices that send alarms and heartbeats over MQTT.
+    Fleet(FleetArgs),
 }
 
 #[derive(Args)]
@@ -64,6 +67,126 @@ struct ArcArgs {
     /// Seconds the port stays down (with --down-after).
     #[arg(long, requires = "down_after")]
     down_for: Option<u64>,
+}
+
+#[derive(Args)]
+struct FleetArgs {
+    /// The MQTT broker: mqtt://HOST:PORT (tcp:// and a bare HOST:PORT work too; the port defaults to 1883).
+    #[arg(long, value_parser = parse_broker)]
+    broker: Broker,
+    /// Simulated devices (unit-0001, unit-0002, ...).
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Tenants, comma-separated; devices are spread over them round-robin.
+    #[arg(long, value_delimiter = ',', default_value = "derbyshire,notts")]
+    tenants: Vec<String>,
+    /// New alarms per second across the fleet.
+    #[arg(long, default_value_t = 10.0, value_parser = parse_non_negative)]
+    rate: f64,
+    /// Seconds to send for (Ctrl-C stops earlier).
+    #[arg(long, default_value_t = 60.0, value_parser = parse_non_negative)]
+    duration: f64,
+    /// Seconds between one device's heartbeats; 0 sends none.
+    #[arg(long, default_value_t = 60.0, value_parser = parse_non_negative)]
+    heartbeat_s: f64,
+    /// Seconds before the first re-send of an unacknowledged alarm (doubling, up to 30).
+    #[arg(long, default_value_t = 2.0, value_parser = parse_non_negative)]
+    resend_s: f64,
+    /// Share (0-1) of acknowledged alarms published once more.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    duplicates: f64,
+    /// Share (0-1) of alarms replaced by a malformed payload.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    malformed: f64,
+    /// Chance (0-1) per alarm that its device reboots first (its seq restarts at 1).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    reboots: f64,
+    /// MQTT connections the devices share.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Client id prefix: the connections are PREFIX-1, PREFIX-2, ...
+    #[arg(long, default_value = "fleet")]
+    client_prefix: String,
+    /// Seed of the random number generators.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+/// A broker address from `--broker`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Broker {
+    host: String,
+    port: u16,
+}
+
+fn parse_broker(text: &str) -> Result<Broker, String> {
+    let bad = || format!("{text:?} is not mqtt://HOST:PORT");
+    let rest = ["mqtt://", "tcp://"]
+        .iter()
+        .find_map(|scheme| text.strip_prefix(scheme))
+        .unwrap_or(text);
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.is_empty() || rest.contains(['/', '@', '?', '#']) || rest.contains("://") {
+        return Err(bad());
+    }
+    let (host, port) = if let Some(bracketed) = rest.strip_prefix('[') {
+        let (host, after) = bracketed.split_once(']').ok_or_else(bad)?;
+        match after {
+            "" => (host, None),
+            _ => (host, Some(after.strip_prefix(':').ok_or_else(bad)?)),
+        }
+    } else {
+        match rest.rsplit_once(':') {
+            Some((host, port)) if !host.contains(':') => (host, Some(port)),
+            Some(_) => return Err(bad()),
+            None => (rest, None),
+        }
+    };
+    let port = match port {
+        Some(port) => port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(bad)?,
+        None => 1883,
+    };
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok(Broker {
+        host: host.to_owned(),
+        port,
+    })
+}
+
+fn parse_non_negative(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a number >= 0")),
+    }
+}
+
+impl FleetArgs {
+    fn config(&self) -> FleetConfig {
+        let mut config = FleetConfig::new(self.broker.host.clone(), self.broker.port);
+        config.client_prefix = self.client_prefix.clone();
+        config.connections = self.connections;
+        config.tenants = self.tenants.clone();
+        config.devices = self.devices;
+        config.rate = self.rate;
+        config.heartbeat_interval = seconds(self.heartbeat_s);
+        config.resend_after = seconds(self.resend_s);
+        config.duplicate_share = self.duplicates;
+        config.malformed_share = self.malformed;
+        config.reboot_share = self.reboots;
+        config.seed = self.seed;
+        config
+    }
+}
+
+/// Seconds from the command line (already checked to be finite and >= 0), saturating at a very long time.
+fn seconds(value: f64) -> Duration {
+    Duration::try_from_secs_f64(value).unwrap_or(Duration::MAX)
 }
 
 fn parse_share(text: &str) -> Result<f64, String> {
@@ -110,9 +233,10 @@ async fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Arc(args) => run_arc(args).await,
+        Command::Fleet(args) => run_fleet(args).await,
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(err) => {
             error!("{err:#}");
             let usage = err
@@ -124,7 +248,7 @@ async fn main() -> ExitCode {
 }
 
 /// Runs the ARC until Ctrl-C or SIGTERM, then prints the counters as one line on stdout.
-async fn run_arc(args: ArcArgs) -> anyhow::Result<()> {
+async fn run_arc(args: ArcArgs) -> anyhow::Result<ExitCode> {
     let sim = ArcSim::start(args.config())
         .await
         .with_context(|| format!("starting the ARC simulator on {}", args.listen))?;
@@ -144,7 +268,68 @@ async fn run_arc(args: ArcArgs) -> anyhow::Result<()> {
     let handle = sim.clone();
     sim.shutdown().await;
     println!("arc: {}", handle.stats());
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How often the fleet prints its progress line.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// The longest wait for outstanding alarms after the fleet stops sending.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Runs the fleet for the duration (or until Ctrl-C or SIGTERM), drains, and prints the counters as one line
+/// on stdout. Exits 1 when alarms are still unanswered after the drain.
+async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
+    let config = args.config();
+    let fleet = Fleet::start(config).await.with_context(|| {
+        format!(
+            "starting the fleet against {}:{}",
+            args.broker.host, args.broker.port
+        )
+    })?;
+    let started = tokio::time::Instant::now();
+    let run_for = tokio::time::sleep(seconds(args.duration));
+    let stop = shutdown_signal();
+    tokio::pin!(run_for, stop);
+    let mut progress = tokio::time::interval_at(started + PROGRESS_EVERY, PROGRESS_EVERY);
+    let mut last_sent = 0;
+    loop {
+        tokio::select! {
+            () = &mut run_for => break,
+            () = &mut stop => break,
+            _ = progress.tick() => {
+                let stats = fleet.stats();
+                let rate = (stats.sent - last_sent) as f64 / PROGRESS_EVERY.as_secs_f64();
+                last_sent = stats.sent;
+                eprintln!(
+                    "fleet: {:>4}s sent={} acked={} outstanding={} resends={} rejected={} heartbeats={} rate={rate:.1}/s",
+                    started.elapsed().as_secs(),
+                    stats.sent,
+                    stats.acked,
+                    stats.outstanding,
+                    stats.resends,
+                    stats.rejected,
+                    stats.heartbeats,
+                );
+            }
+        }
+    }
+    fleet.stop_sending();
+    let outstanding = fleet.stats().outstanding;
+    if outstanding > 0 {
+        eprintln!(
+            "fleet: stopped sending; waiting up to {} s for {outstanding} unanswered alarms",
+            DRAIN_TIMEOUT.as_secs()
+        );
+    }
+    fleet.drain(DRAIN_TIMEOUT).await;
+    let stats = fleet.stats();
+    fleet.shutdown().await;
+    println!("fleet: {stats}");
+    Ok(if stats.outstanding > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
@@ -166,5 +351,44 @@ async fn shutdown_signal() {
     if let Err(err) = tokio::signal::ctrl_c().await {
         error!(error = %err, "cannot listen for Ctrl-C");
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_addresses_are_parsed() {
+        let broker = |host: &str, port| Broker {
+            host: host.to_owned(),
+            port,
+        };
+        assert_eq!(
+            parse_broker("mqtt://127.0.0.1:1883"),
+            Ok(broker("127.0.0.1", 1883))
+        );
+        assert_eq!(
+            parse_broker("tcp://broker.local"),
+            Ok(broker("broker.local", 1883))
+        );
+        assert_eq!(
+            parse_broker("localhost:2883"),
+            Ok(broker("localhost", 2883))
+        );
+        assert_eq!(parse_broker("mqtt://[::1]:1884/"), Ok(broker("::1", 1884)));
+        for bad in [
+            "",
+            "mqtt://",
+            "mqtt://host:port",
+            "mqtt://host:0",
+            "mqtt://host:70000",
+            "http://host:1883",
+            "mqtt://user@host:1883",
+            "mqtt://host:1883/path",
+            "::1:1883",
+        ] {
+            assert!(parse_broker(bad).is_err(), "{bad:?}");
+        }
     }
 }

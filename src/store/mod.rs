@@ -374,6 +374,20 @@ impl Store {
         }
     }
 
+    /// The SLA rows of every alarm received in `[from, to)`.
+    ///
+    /// # Errors
+    /// On a database failure or a corrupt row.
+    pub async fn sla_rows(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::sla::SlaRow>, StoreError> {
+        match self {
+            Store::Sqlite(s) => s.sla_rows(from, to).await,
+        }
+    }
+
     /// Closes the connections; later calls fail.
     pub async fn close(&self) {
         match self {

@@ -600,6 +600,37 @@ impl SqliteStore {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
+    pub(super) async fn sla_rows(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<crate::sla::SlaRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT o.contract_id, a.received_at, o.accepted_at, o.accepted_by, o.chain, \
+                 (SELECT s.at FROM alarm_stages s \
+                  WHERE s.alarm_id = a.id AND s.stage = 'answered') AS answered_at \
+             FROM alarms a JOIN outbox o ON o.alarm_id = a.id \
+             WHERE a.received_at >= ? AND a.received_at < ?",
+        )
+        .bind(to_millis(from))
+        .bind(to_millis(to))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let chain = json_list(r.try_get("chain")?)?;
+                let accepted_by: Option<String> = r.try_get("accepted_by")?;
+                Ok(crate::sla::SlaRow {
+                    contract_id: r.try_get("contract_id")?,
+                    received_at: from_millis(r.try_get("received_at")?),
+                    accepted_at: r.try_get::<Option<i64>, _>("accepted_at")?.map(from_millis),
+                    by_fallback: accepted_by.is_some_and(|p| chain.first() != Some(&p)),
+                    answered_at: r.try_get::<Option<i64>, _>("answered_at")?.map(from_millis),
+                })
+            })
+            .collect()
+    }
+
     pub(super) async fn close(&self) {
         self.pool.close().await;
     }

@@ -220,6 +220,38 @@ impl Harness {
     }
 }
 
+/// Makes the gateway's SQLite store refuse every alarm of `tenant`, as a
+/// full disk would, until [`StoreRefusal::lift`].
+pub struct StoreRefusal {
+    pool: sqlx::SqlitePool,
+}
+
+impl StoreRefusal {
+    pub async fn new(h: &Harness, tenant: &str) -> StoreRefusal {
+        let db = h.dir.path().join("telegate.db");
+        let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", db.display()))
+            .await
+            .expect("open the test store");
+        sqlx::query(&format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON alarms WHEN NEW.tenant = '{tenant}' \
+             BEGIN SELECT RAISE(ABORT, 'no space left'); END"
+        ))
+        .execute(&pool)
+        .await
+        .expect("create the refusing trigger");
+        StoreRefusal { pool }
+    }
+
+    /// The store takes the tenant's alarms again.
+    pub async fn lift(self) {
+        sqlx::query("DROP TRIGGER refuse")
+            .execute(&self.pool)
+            .await
+            .expect("drop the refusing trigger");
+        self.pool.close().await;
+    }
+}
+
 /// A simulated device: publishes on its topics and collects its replies.
 pub struct Device {
     pub tenant: String,
