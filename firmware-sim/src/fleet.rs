@@ -993,29 +993,11 @@ struct Generator {
 impl Generator {
     async fn run(mut self) {
         let inner = Arc::clone(&self.inner);
-        let mut tick = tokio::time::interval(GENERATOR_TICK);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let burst = (self.rate * MAX_CATCH_UP_S).ceil().max(1.0) as u64;
-        let started = Instant::now();
-        let mut made: u64 = 0;
+        let mut pacer = Pacer::new(GENERATOR_TICK, self.rate, burst, 0);
         let mut jobs = Vec::new();
-        loop {
-            tokio::select! {
-                biased;
-                () = inner.sending.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let target = (started.elapsed().as_secs_f64() * self.rate) as u64;
-            let mut due = target.saturating_sub(made);
-            if due > burst {
-                made = target - burst;
-                due = burst;
-            }
-            if due == 0 {
-                continue;
-            }
-            self.make(due, &mut jobs);
-            made += due;
+        while let Some(due) = pacer.next(&inner.sending).await {
+            self.make(due.end - due.start, &mut jobs);
             inner.changed();
             // A batch already made is sent even after `stop_sending`: its alarms are counted.
             if !inner.dispatch(&mut jobs).await {
@@ -1160,6 +1142,59 @@ async fn run_timers(inner: Arc<Inner>) {
     }
 }
 
+/// Paces a stream of events on a timer: at each tick, the events due since
+/// the last one, `per_second` on average from the start. After a stall it
+/// catches up at most `burst` events at once, so a process that was paused
+/// does not flood the broker when it wakes.
+struct Pacer {
+    tick: tokio::time::Interval,
+    per_second: f64,
+    /// Events due at the very start (1: the first is due at once).
+    offset: u64,
+    burst: u64,
+    started: Instant,
+    /// Events handed out so far (or skipped by the burst limit).
+    made: u64,
+}
+
+impl Pacer {
+    fn new(every: Duration, per_second: f64, burst: u64, offset: u64) -> Pacer {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Pacer {
+            tick,
+            per_second,
+            offset,
+            burst,
+            started: Instant::now(),
+            made: 0,
+        }
+    }
+
+    /// The numbers of the events now due; `None` once `stop` fires.
+    async fn next(&mut self, stop: &CancellationToken) -> Option<std::ops::Range<u64>> {
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return None,
+                _ = self.tick.tick() => {}
+            }
+            let target =
+                (self.started.elapsed().as_secs_f64() * self.per_second) as u64 + self.offset;
+            let mut due = target.saturating_sub(self.made);
+            if due > self.burst {
+                self.made = target - self.burst;
+                due = self.burst;
+            }
+            if due > 0 {
+                let range = self.made..self.made + due;
+                self.made += due;
+                return Some(range);
+            }
+        }
+    }
+}
+
 /// Sends each device's heartbeat once per `interval`, the devices' turns spread evenly over it.
 async fn send_heartbeats(inner: Arc<Inner>, interval: Duration) {
     let devices = inner.devices.len() as u64;
@@ -1168,31 +1203,14 @@ async fn send_heartbeats(inner: Arc<Inner>, interval: Duration) {
         .checked_div(devices.min(u64::from(u32::MAX)) as u32)
         .unwrap_or(interval)
         .clamp(GENERATOR_TICK, Duration::from_millis(100));
-    let mut tick = tokio::time::interval(tick_every);
-    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let burst = ((per_second * MAX_CATCH_UP_S).ceil() as u64).max(devices);
-    let started = Instant::now();
-    let mut made: u64 = 0;
+    // Device k % n has its turn at (k / n) intervals plus (k % n) / n of one.
+    let mut pacer = Pacer::new(tick_every, per_second, burst, 1);
     let mut jobs = Vec::new();
-    loop {
-        tokio::select! {
-            biased;
-            () = inner.sending.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        // Device k % n has its turn at (k / n) intervals plus (k % n) / n of one.
-        let target = (started.elapsed().as_secs_f64() * per_second) as u64 + 1;
-        let mut due = target.saturating_sub(made);
-        if due > burst {
-            made = target - burst;
-            due = burst;
-        }
-        if due == 0 {
-            continue;
-        }
+    while let Some(due) = pacer.next(&inner.sending).await {
         {
             let mut state = lock(&inner.state);
-            for k in made..made + due {
+            for k in due {
                 let device = (k % devices) as usize;
                 let device_state = &mut state.devices[device];
                 device_state.heartbeat_seq += 1;
@@ -1208,7 +1226,6 @@ async fn send_heartbeats(inner: Arc<Inner>, interval: Duration) {
                 ));
             }
         }
-        made += due;
         inner.changed();
         if !inner.dispatch(&mut jobs).await {
             break;
