@@ -10,20 +10,21 @@
 //!
 //! | stage | module | what it does |
 //! | --- | --- | --- |
-//! | source | [`source`] | MQTT topics (and later serial ports) in; frames become typed wire messages |
-//! | ingest | [`ingest`] | wire message → [`model::NewAlarm`] ([`taxonomy`] maps codes), handed to the store's group commit; the sender is answered after the commit |
+//! | source | [`source`] | MQTT topics in (serial ports later); payloads become typed wire messages and are normalised into a [`model::NewAlarm`] ([`taxonomy`] maps codes to classes) |
+//! | ingest | [`ingest`] | a bounded queue in front of one group-commit writer: batches are de-duplicated, routed and committed in one transaction, then each sender is answered |
 //! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite (PostgreSQL later), migrated at start |
-//! | route | [`route`] | the contract in force for the tenant on the alarm's date; the route is stored with the alarm |
+//! | route | [`route`] | the contract in force for the tenant on the alarm's day; the route is stored with the alarm |
 //! | deliver | [`deliver`] | outbox rows claimed with a lease, signed webhooks, retries, failover, dead letters |
 //! | sla | [`sla`] | service levels per contract from the stage timestamps |
-//! | report | — | contract managers' reports (later) |
+//! | report | [`sla::render_table`] | the SLA table (the `report` command comes later) |
 //!
-//! Around them: [`demo`] (the whole service in one process, with the
-//! simulators of `firmware-sim`), [`api`] (provider progress reports, health, metrics),
-//! [`config`] (checked before use), [`app`] (wires and spawns
-//! the pipeline; read it top to bottom), [`broker`] (the embedded MQTT broker
-//! for demos and tests), [`metrics`] and [`events`] (what the gateway reports
-//! about itself), [`clock`] (injected wall-clock time).
+//! Around them: [`app`] wires and spawns the pipeline (read it top to
+//! bottom); [`config`] is checked in full before anything uses it; [`api`]
+//! takes provider progress reports and serves health and metrics;
+//! [`broker`] is the embedded MQTT broker for demos, tests and small sites;
+//! [`demo`] runs the whole service in one process with the simulators of
+//! `firmware-sim`; [`metrics`] and [`events`] are what the gateway reports
+//! about itself; [`clock`] injects wall-clock time.
 //!
 //! # The guarantees (DESIGN.md)
 //!

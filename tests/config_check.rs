@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use telegate::config::{Config, ConfigError, SerialFormat, StoreUrl};
+use telegate::config::{Config, ConfigError, StoreUrl};
 
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -227,7 +227,11 @@ fn example_loads_with_its_variables() {
     assert!(!format!("{config:?}").contains("secret-value"));
     assert_eq!(config.contracts[0].fallback, vec!["arc-south".to_owned()]);
     assert_eq!(config.routing.default_provider, "arc-north");
-    assert_eq!(config.serial[0].format, SerialFormat::Surgard);
+    assert!(
+        config.serial.is_empty(),
+        "the example's serial entry is commented out"
+    );
+    assert_eq!(config.deliver.max_in_flight, 32);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //!   its alarm is safe only after that transaction has committed; SQLite runs
 //!   in WAL mode with `synchronous=FULL`, so a commit survives a power cut.
 //! - De-duplication (DESIGN.md guarantee 3) happens inside the same
-//!   transaction: a signal whose [`DedupeKey`] matches an alarm received
+//!   transaction: a signal whose [`crate::model::DedupeKey`] matches an alarm received
 //!   within the window gets that alarm's id back instead of a new row.
 //! - Every alarm gets an outbox row in the transaction that stores it, so no
 //!   alarm can sit between "stored" and "queued for delivery".
