@@ -1,6 +1,8 @@
 //! Alarms per second committed through the ingest path (queue → group-commit
-//! writer → SQLite with `synchronous=FULL`), with group commit and with one
-//! transaction per alarm.
+//! writer → store), with group commit and with one transaction per alarm:
+//! SQLite with `synchronous=FULL` always, and PostgreSQL when
+//! `TELEGATE_TEST_POSTGRES_URL` is set (each run in a fresh database of its
+//! own on that server, dropped afterwards).
 //!
 //! `cargo bench --bench ingest`; criterion prints the throughput in
 //! elements (alarms) per second.
@@ -11,6 +13,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sqlx::Connection;
 use telegate::config::{Config, IngestConfig, StoreUrl};
 use telegate::ingest::{self, Ingest};
 use telegate::metrics::Metrics;
@@ -60,6 +63,10 @@ async fn submit_all(ingest: &Ingest) {
     }
 }
 
+/// The two ways of committing: group commit as configured by default, and
+/// one transaction per alarm.
+const MODES: [(&str, usize, u64); 2] = [("group_commit", 512, 2), ("txn_per_alarm", 1, 0)];
+
 fn bench_ingest(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -73,34 +80,117 @@ fn bench_ingest(c: &mut Criterion) {
         &|_| None,
     )
     .expect("bench config");
+    let router = Arc::new(Router::new(&routing));
+
     let mut group = c.benchmark_group("ingest_sqlite");
     group.throughput(Throughput::Elements(ALARMS as u64));
     group.sample_size(10);
     group.measurement_time(Duration::from_secs(10));
-    for (name, batch_max, wait_ms) in [("group_commit", 512, 2), ("txn_per_alarm", 1, 0)] {
+    for (name, batch_max, wait_ms) in MODES {
         let dir = tempfile::tempdir().expect("temp dir");
         let url = StoreUrl::Sqlite(dir.path().join("bench.db"));
         let store = rt.block_on(Store::open(&url)).expect("store opens");
-        let config = IngestConfig {
-            batch_max,
-            batch_wait: Duration::from_millis(wait_ms),
-            dedupe_window: Duration::from_secs(600),
-            queue: 10_000,
-        };
-        let (ingest, writer) = ingest::channel(
-            store,
-            config,
-            Arc::new(Router::new(&routing)),
-            telegate::clock::system(),
-            Arc::new(Metrics::default()),
-            Arc::new(tokio::sync::Notify::new()),
-        );
-        rt.spawn(writer.run());
+        let ingest = start_ingest(&rt, store.clone(), &router, batch_max, wait_ms);
         group.bench_with_input(BenchmarkId::new(name, ALARMS), &ingest, |b, ingest| {
             b.to_async(&rt).iter(|| submit_all(ingest));
         });
+        rt.block_on(store.close());
     }
     group.finish();
+
+    let Some(server) = std::env::var("TELEGATE_TEST_POSTGRES_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        println!("TELEGATE_TEST_POSTGRES_URL not set: PostgreSQL ingest groups skipped");
+        return;
+    };
+    let mut group = c.benchmark_group("ingest_postgres");
+    group.throughput(Throughput::Elements(ALARMS as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    for (name, batch_max, wait_ms) in MODES {
+        let database = rt
+            .block_on(PgDatabase::create(&server))
+            .expect("create a bench database");
+        let url = StoreUrl::Postgres(database.url.clone());
+        let store = rt.block_on(Store::open(&url)).expect("store opens");
+        let ingest = start_ingest(&rt, store.clone(), &router, batch_max, wait_ms);
+        group.bench_with_input(BenchmarkId::new(name, ALARMS), &ingest, |b, ingest| {
+            b.to_async(&rt).iter(|| submit_all(ingest));
+        });
+        rt.block_on(store.close());
+        rt.block_on(database.drop_now());
+    }
+    group.finish();
+}
+
+/// Starts a group-commit writer on `store` and returns its handle.
+fn start_ingest(
+    rt: &tokio::runtime::Runtime,
+    store: Store,
+    router: &Arc<Router>,
+    batch_max: usize,
+    wait_ms: u64,
+) -> Ingest {
+    let config = IngestConfig {
+        batch_max,
+        batch_wait: Duration::from_millis(wait_ms),
+        dedupe_window: Duration::from_secs(600),
+        queue: 10_000,
+    };
+    let (ingest, writer) = ingest::channel(
+        store,
+        config,
+        Arc::clone(router),
+        telegate::clock::system(),
+        Arc::new(Metrics::default()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    rt.spawn(writer.run());
+    ingest
+}
+
+/// A database of its own on the PostgreSQL server, for one bench group.
+struct PgDatabase {
+    server: String,
+    name: String,
+    url: String,
+}
+
+impl PgDatabase {
+    async fn create(server: &str) -> Result<PgDatabase, Box<dyn std::error::Error>> {
+        let name = format!("tg_bench_{}", uuid::Uuid::new_v4().simple());
+        let mut url = url::Url::parse(server)?;
+        url.set_path(&format!("/{name}"));
+        let mut admin = sqlx::PgConnection::connect(server).await?;
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await?;
+        Ok(PgDatabase {
+            server: server.to_owned(),
+            name,
+            url: url.to_string(),
+        })
+    }
+
+    /// Drops the database; best-effort, a failure is only reported.
+    async fn drop_now(self) {
+        let dropped = async {
+            let mut admin = sqlx::PgConnection::connect(&self.server).await?;
+            sqlx::query(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ))
+            .execute(&mut admin)
+            .await?;
+            admin.close().await
+        };
+        if let Err(e) = dropped.await {
+            eprintln!("could not drop bench database {}: {e}", self.name);
+        }
+    }
 }
 
 criterion_group!(benches, bench_ingest);

@@ -150,6 +150,14 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         tracing::info!("telegate ready: every source is up");
     });
 
+    // Housekeeping: closed alarms past the retention period are pruned.
+    tokio::spawn(crate::store::prune_periodically(
+        store.clone(),
+        config.retention.clone(),
+        clock.clone(),
+        cancel_delivery.clone(),
+    ));
+
     // The API: progress reports, health, readiness, metrics.
     let listener = tokio::net::TcpListener::bind(config.api.listen)
         .await

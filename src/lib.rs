@@ -12,7 +12,7 @@
 //! | --- | --- | --- |
 //! | source | [`source`] | MQTT topics in (serial ports later); payloads become typed wire messages and are normalised into a [`model::NewAlarm`] ([`taxonomy`] maps codes to classes) |
 //! | ingest | [`ingest`] | a bounded queue in front of one group-commit writer: batches are de-duplicated, routed and committed in one transaction, then each sender is answered |
-//! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite (PostgreSQL later), migrated at start |
+//! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite or PostgreSQL, migrated at start |
 //! | route | [`route`] | the contract in force for the tenant on the alarm's day; the route is stored with the alarm |
 //! | deliver | [`deliver`] | outbox rows claimed with a lease, signed webhooks, retries, failover, dead letters |
 //! | sla | [`sla`] | service levels per contract from the stage timestamps |
@@ -22,6 +22,7 @@
 //! bottom); [`config`] is checked in full before anything uses it; [`api`]
 //! takes provider progress reports and serves health and metrics;
 //! [`broker`] is the embedded MQTT broker for demos, tests and small sites;
+//! [`operator`] lists alarms that need a person and sends them again;
 //! [`demo`] runs the whole service in one process with the simulators of
 //! `firmware-sim`; [`metrics`] and [`events`] are what the gateway reports
 //! about itself; [`clock`] injects wall-clock time.
@@ -51,6 +52,7 @@ pub mod events;
 pub mod ingest;
 pub mod metrics;
 pub mod model;
+pub mod operator;
 pub mod route;
 pub mod sla;
 pub mod source;

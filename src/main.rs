@@ -39,6 +39,34 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// List alarms that need a person: dead letters (every provider rejected
+    /// them) or stuck (still being retried past every failover deadline).
+    Alarms {
+        /// The configuration file (its store is read).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Which alarms.
+        #[arg(long, value_enum)]
+        state: AttentionArg,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue an alarm for delivery again, along its chain from the start or
+    /// to one provider.
+    Redeliver {
+        /// The configuration file (its store is updated).
+        #[arg(short, long)]
+        config: PathBuf,
+        /// The alarm id.
+        alarm_id: String,
+        /// Deliver to this provider only.
+        #[arg(long)]
+        provider: Option<String>,
+    },
     /// Run everything on embedded defaults: broker, store, device fleet and
     /// two simulated ARCs, then print the SLA table and a summary line.
     Demo {
@@ -55,6 +83,12 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum AttentionArg {
+    DeadLetter,
+    Stuck,
 }
 
 fn main() -> ExitCode {
@@ -101,6 +135,33 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Alarms {
+            config,
+            state,
+            limit,
+            json,
+        } => {
+            let Some(config) = load(&config) else {
+                return ExitCode::from(EX_CONFIG);
+            };
+            let which = match state {
+                AttentionArg::DeadLetter => telegate::store::Attention::DeadLetter,
+                AttentionArg::Stuck => telegate::store::Attention::Stuck,
+            };
+            operator(async move { telegate::operator::list(&config, which, limit, json).await })
+        }
+        Command::Redeliver {
+            config,
+            alarm_id,
+            provider,
+        } => {
+            let Some(config) = load(&config) else {
+                return ExitCode::from(EX_CONFIG);
+            };
+            operator(async move {
+                telegate::operator::redeliver(&config, &alarm_id, provider.as_deref()).await
+            })
+        }
         Command::Run { config, grace_s } => {
             let config = match Config::load(&config) {
                 Ok(c) => c,
@@ -119,6 +180,49 @@ fn main() -> ExitCode {
                     eprintln!("telegate: {e:#}");
                     ExitCode::FAILURE
                 }
+            }
+        }
+    }
+}
+
+/// Loads a configuration, printing every problem; `None` when invalid.
+fn load(path: &std::path::Path) -> Option<Config> {
+    match Config::load(path) {
+        Ok(config) => Some(config),
+        Err(err) => {
+            for line in err.lines() {
+                eprintln!("{line}");
+            }
+            None
+        }
+    }
+}
+
+/// Runs an operator command: its output on stdout, or the error on stderr
+/// with exit 64 for a usage mistake and 1 otherwise.
+fn operator(
+    command: impl std::future::Future<Output = Result<String, telegate::operator::OperatorError>>,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("telegate: cannot start: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("telegate: {e}");
+            match e {
+                telegate::operator::OperatorError::Usage(_) => ExitCode::from(EX_CONFIG),
+                _ => ExitCode::FAILURE,
             }
         }
     }

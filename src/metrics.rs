@@ -48,6 +48,10 @@ pub struct Metrics {
     pub dead_letters: AtomicU64,
     /// Progress reports (answered/resolved) recorded.
     pub progress_reports: AtomicU64,
+    /// Sequence numbers devices skipped (messages lost before the gateway).
+    pub seq_gaps: AtomicU64,
+    /// Skipped sequence numbers that arrived late after all.
+    pub seq_gaps_filled: AtomicU64,
 }
 
 impl Metrics {
@@ -76,7 +80,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, &AtomicU64); 17] = [
+        let plain: [(&str, &str, &AtomicU64); 19] = [
             (
                 "telegate_mqtt_messages_total",
                 "MQTT PUBLISH packets received",
@@ -161,6 +165,16 @@ impl Metrics {
                 "telegate_progress_reports_total",
                 "answered/resolved reports recorded",
                 &self.progress_reports,
+            ),
+            (
+                "telegate_seq_gaps_total",
+                "sequence numbers devices skipped",
+                &self.seq_gaps,
+            ),
+            (
+                "telegate_seq_gaps_filled_total",
+                "skipped sequence numbers that arrived late",
+                &self.seq_gaps_filled,
             ),
         ];
         for (name, help, counter) in plain {

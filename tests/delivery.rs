@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{unique, BrokerChoice, Harness, WAIT};
+use common::{stores, unique, BrokerChoice, Harness, StoreChoice, WAIT};
 use firmware_sim::arc::{self, ArcConfig, ArcSim, Delay, Mode};
 use serde_json::{json, Value};
 use telegate::model::AlarmId;
@@ -61,6 +61,24 @@ async fn two_arcs(
     failover_s: u32,
     north_mode: Mode,
 ) -> TwoArcs {
+    two_arcs_on(
+        &StoreChoice::Sqlite,
+        contract_id,
+        default_provider,
+        failover_s,
+        north_mode,
+    )
+    .await
+}
+
+/// [`two_arcs`] with the gateway storing in `store`.
+async fn two_arcs_on(
+    store: &StoreChoice,
+    contract_id: &str,
+    default_provider: &str,
+    failover_s: u32,
+    north_mode: Mode,
+) -> TwoArcs {
     let north = arc_sim("north", None).await;
     let south = arc_sim("south", None).await;
     north.set_mode(north_mode).await.unwrap();
@@ -82,7 +100,7 @@ async fn two_arcs(
             &format!("critical = {failover_s}, urgent = {failover_s}")
         ),
     );
-    let h = Harness::start_with(&BrokerChoice::Embedded, &delivery).await;
+    let h = Harness::start_on(&BrokerChoice::Embedded, store, &delivery).await;
     TwoArcs {
         north,
         south,
@@ -101,12 +119,19 @@ fn alarm_id(reply: &Value) -> AlarmId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_reaches_the_arc_signed_with_every_field_and_every_stage_is_stored() {
+    for store in stores() {
+        eprintln!("store: {}", store.name());
+        an_alarm_reaches_the_arc_on(&store).await;
+    }
+}
+
+async fn an_alarm_reaches_the_arc_on(store: &StoreChoice) {
     let TwoArcs {
         north,
         south,
         tenant,
         h,
-    } = two_arcs("C-1", "south", 1, Mode::Accept).await;
+    } = two_arcs_on(store, "C-1", "south", 1, Mode::Accept).await;
     let mut dev = h.device(&tenant, "pendant-4").await;
     let reply = dev
         .send(

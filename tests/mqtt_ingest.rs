@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{brokers, unique, Device, Harness};
+use common::{brokers, stores, unique, Device, Harness, NO_DELIVERY};
 use serde_json::json;
 use telegate::metrics::Metrics;
 use telegate::model::{AlarmClass, AlarmId, SourceKind};
@@ -19,14 +19,23 @@ fn alarm_id(reply: &serde_json::Value) -> AlarmId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_is_accepted_only_once_it_is_stored_with_its_timestamps() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in brokers()
+        .into_iter()
+        .flat_map(|b| stores().into_iter().map(move |s| (b.clone(), s)))
+    {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let tenant = unique("t");
         let mut dev = h.device(&tenant, "pendant-1").await;
         let reply = dev
             .send(json!({"seq": 1, "cid": "1101", "ts": "2026-11-22T10:15:30.123Z", "zone": 2, "battery_pct": 90}))
             .await;
-        assert_eq!(reply["status"], "accepted", "{}: {reply}", broker.name());
+        assert_eq!(
+            reply["status"],
+            "accepted",
+            "{}/{}: {reply}",
+            broker.name(),
+            store.name()
+        );
         assert_eq!(reply["seq"], 1);
         let id = alarm_id(&reply);
 

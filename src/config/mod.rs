@@ -41,6 +41,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// The delivery dispatcher (`[deliver]`).
     pub deliver: DeliverConfig,
+    /// How long closed alarms are kept (`[retention]`).
+    pub retention: RetentionConfig,
     /// MQTT sources (`[[mqtt]]`), in file order.
     pub mqtt: Vec<MqttConfig>,
     /// Serial sources (`[[serial]]`), in file order.
@@ -236,6 +238,31 @@ impl Default for DeliverConfig {
             poll: Duration::from_millis(200),
             max_in_flight: 32,
             claim_batch: 256,
+        }
+    }
+}
+
+/// `[retention]`: how long closed alarms are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetentionConfig {
+    /// Alarms a provider accepted are deleted this long after they were
+    /// received (`days`, default 400: a year's contract review and some);
+    /// `None` (`days = 0`) keeps everything. Dead letters and alarms still
+    /// being delivered are never pruned.
+    pub keep: Option<Duration>,
+    /// Alarms deleted per transaction (`batch`, 1..=10000, default 500), so
+    /// that ingest waits at most for one small batch.
+    pub batch: u32,
+    /// How often the pruning pass runs (`interval_s`, 60..=86400, default 3600).
+    pub interval: Duration,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep: Some(Duration::from_secs(400 * 86_400)),
+            batch: 500,
+            interval: Duration::from_secs(3600),
         }
     }
 }

@@ -18,6 +18,7 @@ pub(super) struct RawConfig {
     pub api: Option<RawApi>,
     pub ingest: Option<RawIngest>,
     pub deliver: Option<RawDeliver>,
+    pub retention: Option<RawRetention>,
     #[serde(default)]
     pub mqtt: Vec<RawMqtt>,
     #[serde(default)]
@@ -54,6 +55,13 @@ pub(super) struct RawDeliver {
     pub poll_ms: Option<i64>,
     pub max_in_flight: Option<i64>,
     pub claim_batch: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawRetention {
+    pub days: Option<i64>,
+    pub batch: Option<i64>,
+    pub interval_s: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -14,12 +14,12 @@ use chrono::NaiveDate;
 
 use super::raw::{
     describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawDeliver, RawFailoverAfter,
-    RawIngest, RawMqtt, RawProvider, RawSerial, RawStore,
+    RawIngest, RawMqtt, RawProvider, RawRetention, RawSerial, RawStore,
 };
 use super::{
     AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, DeliverConfig,
-    FailoverAfter, IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RoutingConfig, Secret,
-    SerialConfig, SerialFormat, StoreConfig, StoreUrl,
+    FailoverAfter, IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RetentionConfig,
+    RoutingConfig, Secret, SerialConfig, SerialFormat, StoreConfig, StoreUrl,
 };
 
 /// Longest id, tenant, client id or group name.
@@ -63,6 +63,7 @@ impl<'a> Checker<'a> {
         let api = self.api(raw.api);
         let ingest = self.ingest(raw.ingest);
         let deliver = self.deliver(raw.deliver);
+        let retention = self.retention(raw.retention);
 
         let source_ids = raw
             .mqtt
@@ -137,6 +138,7 @@ impl<'a> Checker<'a> {
             api: api?,
             ingest: ingest?,
             deliver: deliver?,
+            retention: retention?,
             mqtt: mqtt.into_iter().collect::<Option<_>>()?,
             serial: serial.into_iter().collect::<Option<_>>()?,
             providers: providers.into_iter().collect::<Option<_>>()?,
@@ -334,6 +336,19 @@ impl<'a> Checker<'a> {
             batch_wait: Duration::from_millis(u64::try_from(batch_wait?).ok()?),
             dedupe_window: dedupe?,
             queue: usize::try_from(queue?).ok()?,
+        })
+    }
+
+    fn retention(&mut self, raw: Option<RawRetention>) -> Option<RetentionConfig> {
+        let raw = raw.unwrap_or_default();
+        let days = self.int_in("retention.days", raw.days, 400, 0, 100_000);
+        let batch = self.int_in("retention.batch", raw.batch, 500, 1, 10_000);
+        let interval = self.int_in("retention.interval_s", raw.interval_s, 3600, 60, 86_400);
+        let days = u64::try_from(days?).ok()?;
+        Some(RetentionConfig {
+            keep: (days > 0).then(|| Duration::from_secs(days * 86_400)),
+            batch: u32::try_from(batch?).ok()?,
+            interval: Duration::from_secs(u64::try_from(interval?).ok()?),
         })
     }
 

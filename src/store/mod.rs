@@ -4,14 +4,22 @@
 //! - [`Store::commit_batch`] writes a whole group-commit batch (new alarms,
 //!   their outbox rows, quarantine rows) in one transaction. A sender is told
 //!   its alarm is safe only after that transaction has committed; SQLite runs
-//!   in WAL mode with `synchronous=FULL`, so a commit survives a power cut.
+//!   in WAL mode with `synchronous=FULL` and PostgreSQL with its default
+//!   `synchronous_commit = on`, so a commit survives a power cut.
 //! - De-duplication (DESIGN.md guarantee 3) happens inside the same
 //!   transaction: a signal whose [`crate::model::DedupeKey`] matches an alarm received
-//!   within the window gets that alarm's id back instead of a new row.
+//!   within the window gets that alarm's id back instead of a new row. This
+//!   holds across gateway instances sharing one PostgreSQL database too: a
+//!   batch locks its keys before it looks for them (see `postgres.rs`).
 //! - Every alarm gets an outbox row in the transaction that stores it, so no
 //!   alarm can sit between "stored" and "queued for delivery".
+//! - Claims are leases: a crashed instance's claims expire and the rows are
+//!   claimed again. On PostgreSQL, instances claim with
+//!   `FOR UPDATE SKIP LOCKED`, so no row is claimed by two at once.
 //!
 //! # Layout
+//! The same tables, columns and indexes in both databases
+//! (`migrations/sqlite`, `migrations/postgres`):
 //! - `alarms`: one row per alarm, with the ingest timestamps (`raised_at`,
 //!   `received_at`, `stored_at`) as milliseconds since the epoch.
 //! - `alarm_stages`: later stages (routed, attempts, accepted, answered,
@@ -19,9 +27,14 @@
 //! - `outbox`: alarms still to deliver, by priority and due time.
 //! - `quarantine`: raw input that could not be accepted, with the reason.
 //!
-//! Backends are a closed set ([`Store`] is an enum); each builds its queries
-//! at run time so that one code base serves SQLite and PostgreSQL.
+//! Backends are a closed set ([`Store`] is an enum): SQLite (`sqlite://…`,
+//! the embedded default) and PostgreSQL (`postgres://…`, where several
+//! instances share one database). Each builds its queries at run time and
+//! batches into multi-row statements (SQLite: multi-row `VALUES`;
+//! PostgreSQL: array binds and `UNNEST`).
 
+mod admin;
+mod postgres;
 mod sqlite;
 
 use chrono::{DateTime, Utc};
@@ -31,6 +44,8 @@ use crate::deliver::{AttemptRecord, Claimed};
 use crate::model::{Alarm, AlarmId, NewAlarm, SourceKind};
 use crate::route::Route;
 
+pub use admin::{prune_periodically, Attention, ListedAlarm, Pruned};
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
 /// Errors from the store. Any of them means "not committed": the sender must
@@ -46,8 +61,6 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0} stores are not supported yet")]
-    Unsupported(&'static str),
     #[error("stored row is corrupt: {0}")]
     Corrupt(String),
 }
@@ -183,17 +196,19 @@ pub struct StageTime {
 #[derive(Debug, Clone)]
 pub enum Store {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
 }
 
 impl Store {
-    /// Opens the store at `url`, creating and migrating it as needed.
+    /// Opens the store at `url`, creating and migrating it as needed (a
+    /// PostgreSQL database must exist; its tables are created).
     ///
     /// # Errors
     /// When the database cannot be opened or migrated.
     pub async fn open(url: &StoreUrl) -> Result<Store, StoreError> {
         match url {
             StoreUrl::Sqlite(path) => Ok(Store::Sqlite(SqliteStore::open(path).await?)),
-            StoreUrl::Postgres(_) => Err(StoreError::Unsupported("PostgreSQL")),
+            StoreUrl::Postgres(url) => Ok(Store::Postgres(PgStore::open(url).await?)),
         }
     }
 
@@ -213,6 +228,7 @@ impl Store {
     ) -> Result<Vec<AlarmOutcome>, StoreError> {
         match self {
             Store::Sqlite(s) => s.commit_batch(batch, stored_at, dedupe_since).await,
+            Store::Postgres(s) => s.commit_batch(batch, stored_at, dedupe_since).await,
         }
     }
 
@@ -223,6 +239,7 @@ impl Store {
     pub async fn alarm(&self, id: AlarmId) -> Result<Option<Alarm>, StoreError> {
         match self {
             Store::Sqlite(s) => s.alarm(id).await,
+            Store::Postgres(s) => s.alarm(id).await,
         }
     }
 
@@ -233,6 +250,7 @@ impl Store {
     pub async fn stage_times(&self, id: AlarmId) -> Result<Vec<StageTime>, StoreError> {
         match self {
             Store::Sqlite(s) => s.stage_times(id).await,
+            Store::Postgres(s) => s.stage_times(id).await,
         }
     }
 
@@ -243,6 +261,7 @@ impl Store {
     pub async fn count_alarms(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => s.count_alarms().await,
+            Store::Postgres(s) => s.count_alarms().await,
         }
     }
 
@@ -257,6 +276,7 @@ impl Store {
     ) -> Result<Vec<Alarm>, StoreError> {
         match self {
             Store::Sqlite(s) => s.alarms_of_device(tenant, device_id).await,
+            Store::Postgres(s) => s.alarms_of_device(tenant, device_id).await,
         }
     }
 
@@ -267,6 +287,7 @@ impl Store {
     pub async fn quarantine(&self, limit: u32) -> Result<Vec<QuarantineRow>, StoreError> {
         match self {
             Store::Sqlite(s) => s.quarantine(limit).await,
+            Store::Postgres(s) => s.quarantine(limit).await,
         }
     }
 
@@ -277,6 +298,7 @@ impl Store {
     pub async fn count_outbox_pending(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => s.count_outbox_pending().await,
+            Store::Postgres(s) => s.count_outbox_pending().await,
         }
     }
 
@@ -287,6 +309,7 @@ impl Store {
     pub async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => s.release_leases(owner).await,
+            Store::Postgres(s) => s.release_leases(owner).await,
         }
     }
 
@@ -304,6 +327,7 @@ impl Store {
     ) -> Result<Vec<Claimed>, StoreError> {
         match self {
             Store::Sqlite(s) => s.claim_due(owner, now, lease_until, limit).await,
+            Store::Postgres(s) => s.claim_due(owner, now, lease_until, limit).await,
         }
     }
 
@@ -315,6 +339,7 @@ impl Store {
     pub async fn record_attempts(&self, records: &[AttemptRecord]) -> Result<(), StoreError> {
         match self {
             Store::Sqlite(s) => s.record_attempts(records).await,
+            Store::Postgres(s) => s.record_attempts(records).await,
         }
     }
 
@@ -325,6 +350,7 @@ impl Store {
     pub async fn outbox_row(&self, id: AlarmId) -> Result<Option<OutboxRow>, StoreError> {
         match self {
             Store::Sqlite(s) => s.outbox_row(id).await,
+            Store::Postgres(s) => s.outbox_row(id).await,
         }
     }
 
@@ -348,6 +374,7 @@ impl Store {
         }
         match self {
             Store::Sqlite(s) => s.attempted_by(id, provider).await,
+            Store::Postgres(s) => s.attempted_by(id, provider).await,
         }
     }
 
@@ -361,6 +388,7 @@ impl Store {
     ) -> Result<ProgressResult, StoreError> {
         match self {
             Store::Sqlite(s) => s.record_progress(report).await,
+            Store::Postgres(s) => s.record_progress(report).await,
         }
     }
 
@@ -371,6 +399,7 @@ impl Store {
     pub async fn count_delivered(&self) -> Result<u64, StoreError> {
         match self {
             Store::Sqlite(s) => s.count_delivered().await,
+            Store::Postgres(s) => s.count_delivered().await,
         }
     }
 
@@ -385,6 +414,7 @@ impl Store {
     ) -> Result<Vec<crate::sla::SlaRow>, StoreError> {
         match self {
             Store::Sqlite(s) => s.sla_rows(from, to).await,
+            Store::Postgres(s) => s.sla_rows(from, to).await,
         }
     }
 
@@ -392,6 +422,7 @@ impl Store {
     pub async fn close(&self) {
         match self {
             Store::Sqlite(s) => s.close().await,
+            Store::Postgres(s) => s.close().await,
         }
     }
 }

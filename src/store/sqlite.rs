@@ -45,6 +45,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// The connection pool, for the operator queries of `admin.rs`.
+    pub(super) fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
     /// Opens (creating when missing) and migrates the database at `path`.
     ///
     /// # Errors

@@ -1,4 +1,5 @@
-//! Shared test harness: a real gateway (in-process, real SQLite file) behind
+//! Shared test harness: a real gateway (in-process, real SQLite file, or a
+//! fresh PostgreSQL database when `TELEGATE_TEST_POSTGRES_URL` is set) behind
 //! a real broker (the embedded one, or Mosquitto when
 //! `TELEGATE_TEST_MQTT_URL` is set), and simulated devices that talk MQTT.
 #![allow(dead_code)]
@@ -54,6 +55,95 @@ fn parse_mqtt_url(url: &str) -> Option<(String, u16)> {
     }
 }
 
+/// Which store a gateway under test uses.
+#[derive(Debug, Clone)]
+pub enum StoreChoice {
+    /// A fresh SQLite file in the harness's temporary folder.
+    Sqlite,
+    /// A fresh database of its own on the PostgreSQL server that `url` (any
+    /// database on it) points at.
+    Postgres { url: String },
+}
+
+impl StoreChoice {
+    pub fn name(&self) -> &'static str {
+        match self {
+            StoreChoice::Sqlite => "sqlite",
+            StoreChoice::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+/// SQLite always; PostgreSQL too when `TELEGATE_TEST_POSTGRES_URL` is set.
+pub fn stores() -> Vec<StoreChoice> {
+    let mut list = vec![StoreChoice::Sqlite];
+    match std::env::var("TELEGATE_TEST_POSTGRES_URL") {
+        Ok(url) if !url.trim().is_empty() => list.push(StoreChoice::Postgres { url }),
+        _ => eprintln!("TELEGATE_TEST_POSTGRES_URL not set: PostgreSQL runs skipped"),
+    }
+    list
+}
+
+/// A database of its own on the test PostgreSQL server, created empty and
+/// dropped (best-effort, even when the test fails) when this is dropped.
+pub struct PgDatabase {
+    /// The URL the database was created through; it is dropped through it.
+    admin_url: String,
+    pub name: String,
+    /// The URL of the new database.
+    pub url: String,
+}
+
+impl PgDatabase {
+    pub async fn create(admin_url: &str) -> PgDatabase {
+        use sqlx::Connection;
+        let name = unique("tg_").to_lowercase();
+        let mut url = url::Url::parse(admin_url).expect("TELEGATE_TEST_POSTGRES_URL is a URL");
+        url.set_path(&format!("/{name}"));
+        let mut admin = sqlx::PgConnection::connect(admin_url)
+            .await
+            .expect("connect to TELEGATE_TEST_POSTGRES_URL");
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .await
+            .expect("create a test database");
+        let _ = admin.close().await;
+        PgDatabase {
+            admin_url: admin_url.to_owned(),
+            name,
+            url: url.to_string(),
+        }
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        let admin_url = self.admin_url.clone();
+        let name = self.name.clone();
+        // Drop may run inside a runtime (or while a test unwinds): do the
+        // async work on a thread of its own.
+        let dropper = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut admin) = sqlx::PgConnection::connect(&admin_url).await {
+                    let _ =
+                        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
+                    let _ = admin.close().await;
+                }
+            });
+        });
+        let _ = dropper.join();
+    }
+}
+
 /// A short random name, so tests sharing one external broker never see each
 /// other's devices.
 pub fn unique(prefix: &str) -> String {
@@ -74,6 +164,8 @@ pub struct Harness {
     pub broker: BrokerChoice,
     /// Keeps the SQLite file until the test ends.
     pub dir: tempfile::TempDir,
+    /// The PostgreSQL database the gateway stores in, if it does.
+    pub database: Option<PgDatabase>,
     _external: Option<tokio::sync::MutexGuard<'static, ()>>,
 }
 
@@ -111,6 +203,19 @@ pub fn config_with(
     db: &std::path::Path,
     delivery: &str,
 ) -> String {
+    let store_url = format!("sqlite://{}", db.display());
+    config_on(broker, port, client_id, &store_url, delivery)
+}
+
+/// The TOML for a gateway on `broker`, storing at `store_url`, with
+/// `delivery` appended.
+pub fn config_on(
+    broker: &BrokerChoice,
+    port: u16,
+    client_id: &str,
+    store_url: &str,
+    delivery: &str,
+) -> String {
     let (scheme, host) = match broker {
         BrokerChoice::Embedded => ("embedded", "127.0.0.1".to_owned()),
         BrokerChoice::External { host, .. } => ("mqtt", host.clone()),
@@ -124,7 +229,7 @@ pub fn config_with(
     format!(
         r#"
 [store]
-url = "sqlite://{db}"
+url = "{store_url}"
 
 {api}
 
@@ -138,8 +243,7 @@ poll_ms = 20
 id = "devices"
 url = "{scheme}://{host}:{port}"
 client_id = "{client_id}"
-{delivery}"#,
-        db = db.display()
+{delivery}"#
     )
 }
 
@@ -151,6 +255,12 @@ impl Harness {
 
     /// Starts a gateway with these providers, contracts and routing.
     pub async fn start_with(broker: &BrokerChoice, delivery: &str) -> Harness {
+        Harness::start_on(broker, &StoreChoice::Sqlite, delivery).await
+    }
+
+    /// Starts a gateway on `store` with these providers, contracts and
+    /// routing.
+    pub async fn start_on(broker: &BrokerChoice, store: &StoreChoice, delivery: &str) -> Harness {
         let external = match broker {
             BrokerChoice::External { .. } => Some(EXTERNAL.lock().await),
             BrokerChoice::Embedded => None,
@@ -164,13 +274,17 @@ impl Harness {
             BrokerChoice::External { host, port } => (host.clone(), *port),
         };
         let client_id = unique("tg-");
-        let toml = config_with(
-            broker,
-            port,
-            &client_id,
-            &dir.path().join("telegate.db"),
-            delivery,
-        );
+        let (store_url, database) = match store {
+            StoreChoice::Sqlite => (
+                format!("sqlite://{}", dir.path().join("telegate.db").display()),
+                None,
+            ),
+            StoreChoice::Postgres { url } => {
+                let database = PgDatabase::create(url).await;
+                (database.url.clone(), Some(database))
+            }
+        };
+        let toml = config_on(broker, port, &client_id, &store_url, delivery);
         let config =
             Config::from_toml_str(&toml, "test.toml", &|_| None).expect("valid test config");
         let gateway = telegate::app::start(config, telegate::clock::system())
@@ -184,6 +298,7 @@ impl Harness {
             client_id,
             broker: broker.clone(),
             dir,
+            database,
             _external: external,
         }
     }
@@ -201,23 +316,34 @@ impl Harness {
             "clean shutdown"
         );
         if let BrokerChoice::External { .. } = self.broker {
-            let mut options = MqttOptions::new(self.client_id.clone(), &self.host, self.port);
-            options.set_clean_session(true);
-            let (client, mut eventloop) = AsyncClient::new(options, 10);
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                            let _ = client.try_disconnect();
-                        }
-                        Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                        Ok(_) => {}
-                    }
-                }
-            })
-            .await;
+            forget_session(&self.host, self.port, &self.client_id).await;
         }
     }
+}
+
+/// Removes a client's persistent session from an external broker (connects
+/// with its id and a clean session), so the broker stops queueing for it.
+pub async fn forget_session(host: &str, port: u16, client_id: &str) {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_disconnect();
+                }
+                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+}
+
+/// Holds the external broker for one test at a time (see [`EXTERNAL`]).
+pub async fn external_broker_lock() -> tokio::sync::MutexGuard<'static, ()> {
+    EXTERNAL.lock().await
 }
 
 /// Makes the gateway's SQLite store refuse every alarm of `tenant`, as a

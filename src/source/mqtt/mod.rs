@@ -27,6 +27,7 @@
 //! and block the poller; back-pressure comes from the bounded ingest queue,
 //! which makes the poller stop reading until the store catches up.
 
+mod gaps;
 pub mod payload;
 
 use std::collections::HashMap;
@@ -143,6 +144,8 @@ impl MqttSource {
             faults: HashMap::new(),
             epoch: 0,
             backoff: Duration::from_millis(100),
+            seqs: gaps::SeqTracker::default(),
+            gap_logged: None,
             ready: Some(ready),
         }
         .run(ticket_tx, failed_rx, cancel);
@@ -200,6 +203,10 @@ struct Poller<'a> {
     epoch: u64,
     /// Wait before the next reconnect; reset when a connection is accepted.
     backoff: Duration,
+    /// Last sequence numbers per device, to notice a broker dropping messages.
+    seqs: gaps::SeqTracker,
+    /// When a sequence gap was last logged (logged at most once a minute).
+    gap_logged: Option<tokio::time::Instant>,
     /// Reported (then dropped) the first time the subscriptions are in place.
     ready: Option<Readiness>,
 }
@@ -369,6 +376,7 @@ impl Poller<'_> {
                         .emit(metrics);
                     }
                     let seq = payload.seq;
+                    self.check_sequence(topic.tenant, topic.device_id, seq);
                     let alarm = normalise(
                         &topic,
                         payload,
@@ -419,6 +427,37 @@ impl Poller<'_> {
                 Work::Nothing
             }
             TopicKind::Ack => Work::Nothing,
+        }
+    }
+
+    /// Counts sequence numbers a device skipped (and takes back those that
+    /// arrive late), and warns at most once a minute: skipped numbers mean
+    /// messages were lost before they reached the gateway.
+    fn check_sequence(&mut self, tenant: &str, device_id: &str, seq: u64) {
+        let metrics = &self.source.metrics;
+        match self.seqs.observe(tenant, device_id, seq) {
+            gaps::SeqEvent::InOrder => {}
+            gaps::SeqEvent::Filled => Metrics::inc(&metrics.seq_gaps_filled),
+            gaps::SeqEvent::Gap { missing } => {
+                Metrics::add(&metrics.seq_gaps, missing);
+                let now = tokio::time::Instant::now();
+                if self
+                    .gap_logged
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60))
+                {
+                    self.gap_logged = Some(now);
+                    tracing::warn!(
+                        source = %self.source.config.id,
+                        tenant,
+                        device_id,
+                        seq,
+                        missing,
+                        "a device skipped sequence numbers: messages are being lost before they reach \
+                         the gateway (check the broker's max_queued_messages and persistent sessions; \
+                         see config/mosquitto.conf)"
+                    );
+                }
+            }
         }
     }
 
