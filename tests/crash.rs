@@ -13,12 +13,10 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use common::process::GatewayProcess;
 use common::unique;
 use firmware_sim::arc::{ArcConfig, ArcSim, Mode};
 use firmware_sim::fleet::{Fleet, FleetConfig};
@@ -26,73 +24,6 @@ use rand::{Rng, SeedableRng};
 
 /// How long a drain at the end may take before the test fails.
 const DRAIN: Duration = Duration::from_secs(60);
-
-/// A `telegate run` child process.
-struct GatewayProcess {
-    child: Child,
-    /// Everything it logged, collected by a reader thread.
-    log: mpsc::Receiver<String>,
-}
-
-impl GatewayProcess {
-    /// Starts the gateway and waits until it reports ready.
-    fn start(config: &Path) -> GatewayProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_telegate"))
-            .args(["run", "--grace-s", "10", "-c"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("telegate starts");
-        let (tx, log) = mpsc::channel();
-        let stderr = child.stderr.take().expect("stderr piped");
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let process = GatewayProcess { child, log };
-        process.wait_for_log("telegate ready", Duration::from_secs(30));
-        process
-    }
-
-    fn wait_for_log(&self, needle: &str, within: Duration) {
-        let deadline = Instant::now() + within;
-        let mut seen = Vec::new();
-        loop {
-            match self
-                .log
-                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            {
-                Ok(line) if line.contains(needle) => return,
-                Ok(line) => seen.push(line),
-                Err(_) => panic!("no {needle:?} from telegate; log:\n{}", seen.join("\n")),
-            }
-        }
-    }
-
-    fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .args([name, &self.child.id().to_string()])
-            .status()
-            .expect("kill runs");
-        assert!(status.success(), "kill {name}");
-    }
-
-    /// SIGKILL: no chance to finish anything.
-    fn crash(mut self) {
-        self.signal("-KILL");
-        let _ = self.child.wait();
-    }
-
-    /// SIGTERM, and the exit status.
-    fn stop(mut self) -> std::process::ExitStatus {
-        self.signal("-TERM");
-        self.child.wait().expect("telegate exits")
-    }
-}
 
 /// The store and broker a run uses.
 enum Variant {

@@ -277,6 +277,9 @@ pub struct ArcSim {
 }
 
 struct Inner {
+    /// How long each delivery waits before it is decided (a slow ARC), in
+    /// milliseconds; 0 answers at once.
+    response_delay_ms: std::sync::atomic::AtomicU64,
     /// The bound address, kept so that leaving `Down` binds the same port.
     addr: SocketAddr,
     /// The HMAC key for deliveries.
@@ -435,6 +438,7 @@ impl ArcSim {
         let listener = TcpListener::bind(config.listen).await?;
         let addr = listener.local_addr()?;
         let inner = Arc::new(Inner {
+            response_delay_ms: std::sync::atomic::AtomicU64::new(0),
             addr,
             secret: config.secret.into_bytes(),
             token: config.token,
@@ -493,6 +497,15 @@ impl ArcSim {
     /// # Errors
     /// `InvalidInput` for `Reject` with a code that is not an HTTP status (100–999); the bind error when the
     /// port cannot be taken again (the mode stays `Down`); an error after [`ArcSim::shutdown`].
+    /// Makes every delivery wait `delay` before it is decided (a slow ARC);
+    /// `Duration::ZERO` answers at once again.
+    pub fn set_response_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.inner
+            .response_delay_ms
+            .store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+
     pub async fn set_mode(&self, mode: Mode) -> io::Result<()> {
         if let Mode::Reject(code) = mode {
             StatusCode::from_u16(code)
@@ -643,6 +656,14 @@ enum Outcome {
 
 /// The delivery endpoint.
 async fn deliver(Extract(inner): Extract<Arc<Inner>>, headers: HeaderMap, body: Bytes) -> Response {
+    // A slow ARC: the delivery is decided only after the delay, so a sender
+    // that gives up (or dies) meanwhile has delivered nothing.
+    let delay = inner
+        .response_delay_ms
+        .load(std::sync::atomic::Ordering::Relaxed);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
     let now = Utc::now();
     let checked = check::check(&headers, &body, &inner.secret, now.timestamp());
     let outcome = inner.decide(checked, &headers, now);

@@ -4,6 +4,8 @@
 //! `TELEGATE_TEST_MQTT_URL` is set), and simulated devices that talk MQTT.
 #![allow(dead_code)]
 
+pub mod process;
+
 use std::time::Duration;
 
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
