@@ -35,6 +35,7 @@
 
 mod admin;
 mod postgres;
+mod rows;
 mod sqlite;
 
 use chrono::{DateTime, Utc};

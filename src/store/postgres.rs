@@ -46,27 +46,23 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
+use super::rows::{
+    alarm_from_row, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT, OUTBOX_FIELDS,
+};
 use super::{
     AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
     QuarantineRow, StageTime, StoreError,
 };
 use crate::deliver::plan::{Decision, Plan};
 use crate::deliver::{AttemptRecord, Claimed};
-use crate::model::{
-    from_millis, to_millis, Alarm, AlarmClass, AlarmDetails, AlarmId, NewAlarm, Priority,
-    SourceKind, SourceRef,
-};
+use crate::model::{from_millis, to_millis, Alarm, AlarmId, NewAlarm, SourceKind};
 
 /// Connections in the pool: the ingest writer, the dispatcher, the API and
 /// reports, with room for bursts.
 const POOL_SIZE: u32 = 8;
-
-const ALARM_SELECT: &str = "SELECT id, tenant, device_id, account, seq, class, priority, restore, \
-     zone, sensor, battery_pct, rssi, lat, lon, text, raised_at, received_at, stored_at, \
-     source_kind, source_id, source_code, raw FROM alarms";
 
 /// A PostgreSQL database behind a connection pool.
 #[derive(Debug, Clone)]
@@ -548,30 +544,13 @@ impl PgStore {
     }
 
     pub(super) async fn outbox_row(&self, id: AlarmId) -> Result<Option<OutboxRow>, StoreError> {
-        let row = sqlx::query(
-            "SELECT state, contract_id, chain, position, rejected, exhausted, attempts, due_at, \
-             routed_at, lease_owner, lease_until, accepted_at, accepted_by \
-             FROM outbox WHERE alarm_id = $1",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT {OUTBOX_FIELDS} FROM outbox WHERE alarm_id = $1"
+        ))
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        let Some(r) = row else { return Ok(None) };
-        Ok(Some(OutboxRow {
-            state: r.try_get("state")?,
-            contract_id: r.try_get("contract_id")?,
-            chain: json_list(r.try_get("chain")?)?,
-            position: usize::try_from(r.try_get::<i64, _>("position")?).unwrap_or(0),
-            rejected: json_list(r.try_get("rejected")?)?,
-            exhausted: r.try_get("exhausted")?,
-            attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-            due_at: from_millis(r.try_get("due_at")?),
-            routed_at: from_millis(r.try_get("routed_at")?),
-            lease_owner: r.try_get("lease_owner")?,
-            lease_until: r.try_get::<Option<i64>, _>("lease_until")?.map(from_millis),
-            accepted_at: r.try_get::<Option<i64>, _>("accepted_at")?.map(from_millis),
-            accepted_by: r.try_get("accepted_by")?,
-        }))
+        row.map(|r| outbox_from_row(&r)).transpose()
     }
 
     pub(super) async fn attempted_by(
@@ -812,61 +791,6 @@ fn lock_key(dedupe_key: &str) -> i64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
-}
-
-fn json_list(text: String) -> Result<Vec<String>, StoreError> {
-    serde_json::from_str(&text)
-        .map_err(|e| StoreError::Corrupt(format!("provider list {text:?}: {e}")))
-}
-
-fn millis(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn parse_id(id: &str) -> Result<AlarmId, StoreError> {
-    id.parse()
-        .map_err(|e| StoreError::Corrupt(format!("alarm id {id:?}: {e}")))
-}
-
-fn alarm_from_row(r: &PgRow) -> Result<Alarm, StoreError> {
-    let corrupt =
-        |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("{what}: {e}"));
-    let id: String = r.try_get("id")?;
-    let class: String = r.try_get("class")?;
-    let priority: i64 = r.try_get("priority")?;
-    let kind: String = r.try_get("source_kind")?;
-    let seq: Option<i64> = r.try_get("seq")?;
-    let zone: Option<i64> = r.try_get("zone")?;
-    let battery: Option<i64> = r.try_get("battery_pct")?;
-    let rssi: Option<i64> = r.try_get("rssi")?;
-    Ok(Alarm {
-        id: parse_id(&id)?,
-        tenant: r.try_get("tenant")?,
-        device_id: r.try_get("device_id")?,
-        account: r.try_get("account")?,
-        seq: seq.and_then(|s| u64::try_from(s).ok()),
-        class: AlarmClass::from_str(&class).map_err(|e| corrupt("class", &e))?,
-        priority: Priority::from_number(priority).ok_or_else(|| corrupt("priority", &priority))?,
-        restore: r.try_get("restore")?,
-        raised_at: r.try_get::<Option<i64>, _>("raised_at")?.map(from_millis),
-        received_at: from_millis(r.try_get("received_at")?),
-        stored_at: from_millis(r.try_get("stored_at")?),
-        source: SourceRef {
-            kind: SourceKind::from_str(&kind).map_err(|e| corrupt("source_kind", &e))?,
-            id: r.try_get("source_id")?,
-            code: r.try_get("source_code")?,
-        },
-        details: AlarmDetails {
-            zone: zone.and_then(|z| u32::try_from(z).ok()),
-            sensor: r.try_get("sensor")?,
-            battery_pct: battery.and_then(|b| u8::try_from(b).ok()),
-            rssi: rssi.and_then(|x| i32::try_from(x).ok()),
-            lat: r.try_get("lat")?,
-            lon: r.try_get("lon")?,
-            text: r.try_get("text")?,
-        },
-        raw: r.try_get("raw")?,
-    })
 }
 
 #[cfg(test)]
