@@ -55,23 +55,7 @@ struct TwoArcs {
     h: Harness,
 }
 
-async fn two_arcs(
-    contract_id: &str,
-    default_provider: &str,
-    failover_s: u32,
-    north_mode: Mode,
-) -> TwoArcs {
-    two_arcs_on(
-        &StoreChoice::Sqlite,
-        contract_id,
-        default_provider,
-        failover_s,
-        north_mode,
-    )
-    .await
-}
-
-/// [`two_arcs`] with the gateway storing in `store`.
+/// Starts [`TwoArcs`] with the gateway storing in `store`.
 async fn two_arcs_on(
     store: &StoreChoice,
     contract_id: &str,
@@ -241,12 +225,21 @@ async fn delivered(h: &Harness, id: AlarmId) -> Vec<telegate::store::StageTime> 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover_time_and_not_back()
 {
+    for store in stores() {
+        eprintln!("store: {}", store.name());
+        an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover_time_and_not_back_on(&store).await;
+    }
+}
+
+async fn an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover_time_and_not_back_on(
+    store: &StoreChoice,
+) {
     let TwoArcs {
         north,
         south,
         tenant,
         h,
-    } = two_arcs("C-2", "north", 1, Mode::Unavailable).await;
+    } = two_arcs_on(store, "C-2", "north", 1, Mode::Unavailable).await;
     let mut dev = h.device(&tenant, "fall-2").await;
     let reply = dev.send(json!({"seq": 1, "event": "fall"})).await;
     let id = alarm_id(&reply);
@@ -297,13 +290,20 @@ async fn an_arc_answering_503_loses_the_alarm_to_the_fallback_after_the_failover
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_4xx_fails_over_at_once() {
+    for store in stores() {
+        eprintln!("store: {}", store.name());
+        a_4xx_fails_over_at_once_on(&store).await;
+    }
+}
+
+async fn a_4xx_fails_over_at_once_on(store: &StoreChoice) {
     // A long failover time: only a permanent rejection can move it this soon.
     let TwoArcs {
         north,
         south,
         tenant,
         h,
-    } = two_arcs("C-3", "north", 600, Mode::Reject(422)).await;
+    } = two_arcs_on(store, "C-3", "north", 600, Mode::Reject(422)).await;
     let mut dev = h.device(&tenant, "smoke-3").await;
     let reply = dev.send(json!({"seq": 1, "sia": "FA"})).await;
     let id = alarm_id(&reply);
@@ -422,9 +422,16 @@ async fn deliveries_pending_at_a_restart_are_delivered_after_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_progress_api_answers_every_status_of_the_contract() {
+    for store in stores() {
+        eprintln!("store: {}", store.name());
+        the_progress_api_answers_every_status_of_the_contract_on(&store).await;
+    }
+}
+
+async fn the_progress_api_answers_every_status_of_the_contract_on(store: &StoreChoice) {
     let TwoArcs {
         north, tenant, h, ..
-    } = two_arcs("C-6", "north", 1, Mode::Accept).await;
+    } = two_arcs_on(store, "C-6", "north", 1, Mode::Accept).await;
     let api = h.gateway.api_url();
     let http = reqwest::Client::new();
     let mut dev = h.device(&tenant, "pendant-6").await;

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{brokers, stores, unique, Device, Harness, NO_DELIVERY};
+use common::{brokers, matrix, unique, Device, Harness, NO_DELIVERY};
 use serde_json::json;
 use telegate::metrics::Metrics;
 use telegate::model::{AlarmClass, AlarmId, SourceKind};
@@ -19,10 +19,7 @@ fn alarm_id(reply: &serde_json::Value) -> AlarmId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alarm_is_accepted_only_once_it_is_stored_with_its_timestamps() {
-    for (broker, store) in brokers()
-        .into_iter()
-        .flat_map(|b| stores().into_iter().map(move |s| (b.clone(), s)))
-    {
+    for (broker, store) in matrix() {
         let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let tenant = unique("t");
         let mut dev = h.device(&tenant, "pendant-1").await;
@@ -80,8 +77,8 @@ async fn an_alarm_is_accepted_only_once_it_is_stored_with_its_timestamps() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resend_is_a_duplicate_with_the_same_alarm_id() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let mut dev = h.device(&unique("t"), "fall-1").await;
         let payload = json!({"seq": 7, "event": "fall", "ts": "2026-11-22T10:00:00.000Z"});
         let first = dev.send(payload.clone()).await;
@@ -106,8 +103,8 @@ async fn a_resend_is_a_duplicate_with_the_same_alarm_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reused_sequence_number_with_another_code_is_a_new_alarm() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let mut dev = h.device(&unique("t"), "unit-9").await;
         // A device that rebooted starts its sequence numbers again.
         let before = dev.send(json!({"seq": 1, "cid": "1301"})).await;
@@ -193,8 +190,8 @@ async fn malformed_payloads_are_rejected_and_quarantined_and_the_next_good_alarm
             None,
         ),
     ];
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let mut dev = h.device(&unique("t"), "hub-3").await;
         for (i, (payload, reason, seq)) in cases.iter().enumerate() {
             dev.send_raw(payload.clone()).await;
@@ -258,8 +255,8 @@ async fn malformed_payloads_are_rejected_and_quarantined_and_the_next_good_alarm
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_event_names_and_codes_become_class_unknown() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let mut dev = h.device(&unique("t"), "sensor-2").await;
         for (seq, payload) in [
             (1, json!({"seq": 1, "event": "levitation_detected"})),
@@ -284,8 +281,8 @@ async fn unknown_event_names_and_codes_become_class_unknown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_optional_field_is_dropped_and_the_alarm_accepted() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let mut dev = h.device(&unique("t"), "smoke-1").await;
         let reply = dev
             .send(json!({"seq": 3, "sia": "FA", "battery_pct": 150, "rssi": "strong", "lat": 52.92, "lon": "west", "text": "kitchen", "firmware": "2.1"}))
@@ -396,8 +393,8 @@ async fn a_retained_replay_is_not_a_new_alarm() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topic_with_bad_segments_is_quarantined_without_a_reply() {
-    for broker in brokers() {
-        let h = Harness::start(&broker).await;
+    for (broker, store) in matrix() {
+        let h = Harness::start_on(&broker, &store, NO_DELIVERY).await;
         let tenant = unique("t");
         let mut dev = h.device(&tenant, "good-1").await;
         let long = "d".repeat(65);

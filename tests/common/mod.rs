@@ -86,6 +86,15 @@ pub fn stores() -> Vec<StoreChoice> {
     list
 }
 
+/// Every broker with every store: the runs a test makes when it covers both.
+pub fn matrix() -> Vec<(BrokerChoice, StoreChoice)> {
+    let stores = stores();
+    brokers()
+        .into_iter()
+        .flat_map(|b| stores.iter().map(move |s| (b.clone(), s.clone())))
+        .collect()
+}
+
 /// A database of its own on the test PostgreSQL server, created empty and
 /// dropped (best-effort, even when the test fails) when this is dropped.
 pub struct PgDatabase {
