@@ -44,22 +44,14 @@ enum Variant {
 /// SQLite + embedded always; PostgreSQL + Mosquitto when both variables are set.
 async fn variants() -> Vec<Variant> {
     let mut list = vec![Variant::Embedded];
-    let pg = common::stores().into_iter().find_map(|s| match s {
-        common::StoreChoice::Postgres { url } => Some(url),
-        common::StoreChoice::Sqlite => None,
-    });
-    let mqtt = common::brokers().into_iter().find_map(|b| match b {
-        common::BrokerChoice::External { host, port } => Some((host, port)),
-        common::BrokerChoice::Embedded => None,
-    });
-    match (pg, mqtt) {
-        (Some(url), Some((host, port))) => list.push(Variant::External {
+    match common::external_services() {
+        Some((url, host, port)) => list.push(Variant::External {
             database: common::PgDatabase::create(&url).await,
             host,
             port,
             _lock: common::external_broker_lock().await,
         }),
-        _ => eprintln!("PostgreSQL + Mosquitto run skipped: needs both TELEGATE_TEST_POSTGRES_URL and TELEGATE_TEST_MQTT_URL"),
+        None => eprintln!("PostgreSQL + Mosquitto run skipped: needs both TELEGATE_TEST_POSTGRES_URL and TELEGATE_TEST_MQTT_URL"),
     }
     list
 }
@@ -258,6 +250,21 @@ async fn check_store(s: &Setup, fleet: &Fleet) {
     store.close().await;
 }
 
+/// The end of a run: the provider has every acknowledged alarm, the
+/// gateway stops cleanly, the store agrees, and the broker forgets us.
+async fn finish(s: &Setup, fleet: Fleet, gateway: GatewayProcess) {
+    let missing = unaccepted(&fleet, &s.arc, DRAIN).await;
+    assert!(
+        missing.is_empty(),
+        "{}: acknowledged but never accepted: {missing:?}",
+        s.name()
+    );
+    assert!(gateway.stop().success());
+    check_store(s, &fleet).await;
+    fleet.shutdown().await;
+    s.forget_session().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_gateway_repeatedly_loses_nothing_acknowledged() {
     for variant in variants().await {
@@ -290,16 +297,7 @@ async fn killing_the_gateway_repeatedly_loses_nothing_acknowledged() {
         );
 
         s.arc.set_mode(Mode::Accept).await.unwrap();
-        let missing = unaccepted(&fleet, &s.arc, DRAIN).await;
-        assert!(
-            missing.is_empty(),
-            "{}: acknowledged but never accepted: {missing:?}",
-            s.name()
-        );
-        assert!(gateway.stop().success());
-        check_store(&s, &fleet).await;
-        fleet.shutdown().await;
-        s.forget_session().await;
+        finish(&s, fleet, gateway).await;
     }
 }
 
@@ -333,15 +331,6 @@ async fn a_graceful_shutdown_mid_stream_exits_0_and_loses_nothing() {
             s.name(),
             fleet.stats()
         );
-        let missing = unaccepted(&fleet, &s.arc, DRAIN).await;
-        assert!(
-            missing.is_empty(),
-            "{}: acknowledged but never accepted: {missing:?}",
-            s.name()
-        );
-        assert!(gateway.stop().success());
-        check_store(&s, &fleet).await;
-        fleet.shutdown().await;
-        s.forget_session().await;
+        finish(&s, fleet, gateway).await;
     }
 }

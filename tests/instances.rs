@@ -15,7 +15,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use common::process::GatewayProcess;
-use common::{unique, BrokerChoice, PgDatabase, StoreChoice};
+use common::{unique, PgDatabase};
 use firmware_sim::arc::{ArcConfig, ArcSim};
 use firmware_sim::fleet::{Fleet, FleetConfig};
 
@@ -87,15 +87,7 @@ async fn metric(api: u16, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_share_the_work_and_the_survivor_takes_over() {
-    let pg = common::stores().into_iter().find_map(|s| match s {
-        StoreChoice::Postgres { url } => Some(url),
-        StoreChoice::Sqlite => None,
-    });
-    let mqtt = common::brokers().into_iter().find_map(|b| match b {
-        BrokerChoice::External { host, port } => Some((host, port)),
-        BrokerChoice::Embedded => None,
-    });
-    let (Some(pg), Some((host, port))) = (pg, mqtt) else {
+    let Some((pg, host, port)) = common::external_services() else {
         eprintln!("two-instance test skipped: needs TELEGATE_TEST_POSTGRES_URL and TELEGATE_TEST_MQTT_URL");
         return;
     };

@@ -56,15 +56,7 @@ async fn an_alarm_is_accepted_only_once_it_is_stored_with_its_timestamps() {
         assert_eq!(alarm.source.id, "devices");
         assert_eq!(alarm.source.code, "1101");
         assert!(alarm.stored_at >= alarm.received_at);
-        let stages: Vec<String> = h
-            .gateway
-            .store
-            .stage_times(id)
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.stage)
-            .collect();
+        let stages = common::stage_names(&h.gateway.store, id).await;
         assert_eq!(stages[..4], ["raised", "received", "stored", "routed"]);
         assert_eq!(
             h.gateway.store.count_outbox_pending().await.unwrap(),

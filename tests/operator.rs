@@ -102,15 +102,7 @@ async fn a_dead_letter_is_listed_and_can_be_redelivered() {
         .expect("delivered after redeliver");
     assert_eq!(got.body["alarm_id"], id.to_string());
     wait_state(&h, id, |r| r.state == "delivered").await;
-    let stages: Vec<String> = h
-        .gateway
-        .store
-        .stage_times(id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.stage)
-        .collect();
+    let stages = common::stage_names(&h.gateway.store, id).await;
     assert!(
         stages.contains(&"dead_letter".to_owned()) && stages.contains(&"redeliver".to_owned()),
         "{stages:?}"

@@ -95,6 +95,35 @@ pub fn matrix() -> Vec<(BrokerChoice, StoreChoice)> {
         .collect()
 }
 
+/// The PostgreSQL URL and the external broker's host and port, when both
+/// `TELEGATE_TEST_POSTGRES_URL` and `TELEGATE_TEST_MQTT_URL` are set.
+pub fn external_services() -> Option<(String, String, u16)> {
+    let pg = stores().into_iter().find_map(|s| match s {
+        StoreChoice::Postgres { url } => Some(url),
+        StoreChoice::Sqlite => None,
+    });
+    let mqtt = brokers().into_iter().find_map(|b| match b {
+        BrokerChoice::External { host, port } => Some((host, port)),
+        BrokerChoice::Embedded => None,
+    });
+    let (pg, (host, port)) = (pg?, mqtt?);
+    Some((pg, host, port))
+}
+
+/// The names of an alarm's stages, in order.
+pub async fn stage_names(
+    store: &telegate::store::Store,
+    id: telegate::model::AlarmId,
+) -> Vec<String> {
+    store
+        .stage_times(id)
+        .await
+        .expect("stage times")
+        .into_iter()
+        .map(|s| s.stage)
+        .collect()
+}
+
 /// A database of its own on the test PostgreSQL server, created empty and
 /// dropped (best-effort, even when the test fails) when this is dropped.
 pub struct PgDatabase {
