@@ -19,6 +19,7 @@ use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::route::Router;
 use crate::source::mqtt::MqttSource;
+use crate::source::serial::SerialSource;
 use crate::source::{Readiness, Source};
 use crate::store::{Store, StoreError};
 use crate::taxonomy::CodeTable;
@@ -30,8 +31,6 @@ pub enum AppError {
     Store(#[from] StoreError),
     #[error("mqtt.{id}: {source}")]
     Broker { id: String, source: BrokerError },
-    #[error("serial.{0}: serial sources are not available in this version of telegate")]
-    SerialUnsupported(String),
     #[error("{0}")]
     Deliver(#[from] BuildError),
     #[error("api.listen {addr}: {source}")]
@@ -73,9 +72,6 @@ pub struct Gateway {
 /// # Errors
 /// When the store cannot be opened or an embedded broker cannot start.
 pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppError> {
-    if let Some(serial) = config.serial.first() {
-        return Err(AppError::SerialUnsupported(serial.id.clone()));
-    }
     let metrics = Arc::new(Metrics::default());
     let table = Arc::new(CodeTable::default());
 
@@ -127,7 +123,7 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
     // sources: each runs until shutdown.
     let cancel = CancellationToken::new();
     let sources = TaskTracker::new();
-    let ready = Readiness::new(config.mqtt.len());
+    let ready = Readiness::new(config.mqtt.len() + config.serial.len());
     for mqtt in &config.mqtt {
         let source = Source::Mqtt(MqttSource::new(
             mqtt.clone(),
@@ -138,9 +134,20 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         ));
         sources.spawn(source.run(ready.clone(), cancel.child_token()));
     }
+    for serial in &config.serial {
+        let source = Source::Serial(SerialSource::new(
+            serial.clone(),
+            ingest.clone(),
+            table.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
+        sources.spawn(source.run(ready.clone(), cancel.child_token()));
+    }
     sources.close();
     tracing::info!(
         mqtt_sources = config.mqtt.len(),
+        serial_sources = config.serial.len(),
         store = ?config.store.url,
         "telegate started"
     );

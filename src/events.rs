@@ -10,6 +10,7 @@ use crate::deliver::plan::{Decision, Plan};
 use crate::metrics::Metrics;
 use crate::model::{wire_time, Alarm, AlarmId, NewAlarm};
 use crate::source::mqtt::payload::{DroppedField, RejectReason};
+use crate::source::serial::frame::InvalidReason;
 
 /// A new alarm was committed.
 pub struct AlarmStored<'a> {
@@ -73,6 +74,25 @@ impl PayloadRejected<'_> {
     }
 }
 
+/// A serial line that could not be read: answered NAK and quarantined.
+pub struct SerialLineRejected<'a> {
+    pub source_id: &'a str,
+    pub reason: InvalidReason,
+    pub detail: &'a str,
+}
+
+impl SerialLineRejected<'_> {
+    pub fn emit(&self, metrics: &Metrics) {
+        Metrics::inc(&metrics.serial_rejected[self.reason as usize]);
+        tracing::warn!(
+            source = self.source_id,
+            reason = self.reason.as_str(),
+            detail = self.detail,
+            "serial line rejected and quarantined"
+        );
+    }
+}
+
 /// Optional fields with bad values were dropped; the alarm was kept.
 pub struct FieldsDropped<'a> {
     pub tenant: &'a str,
@@ -101,7 +121,7 @@ impl FieldsDropped<'_> {
 pub struct DeviceFaultRaised<'a> {
     pub tenant: &'a str,
     pub device_id: &'a str,
-    pub reason: RejectReason,
+    pub reason: &'a str,
 }
 
 impl DeviceFaultRaised<'_> {
@@ -110,7 +130,7 @@ impl DeviceFaultRaised<'_> {
         tracing::warn!(
             tenant = self.tenant,
             device_id = self.device_id,
-            reason = self.reason.as_str(),
+            reason = self.reason,
             "device_fault raised for broken input"
         );
     }

@@ -10,7 +10,7 @@
 //!
 //! | stage | module | what it does |
 //! | --- | --- | --- |
-//! | source | [`source`] | MQTT topics in (serial ports later); payloads become typed wire messages and are normalised into a [`model::NewAlarm`] ([`taxonomy`] maps codes to classes) |
+//! | source | [`source`] | MQTT topics and serial ports in; payloads and lines become typed wire messages and are normalised into a [`model::NewAlarm`] ([`taxonomy`] maps codes to classes) |
 //! | ingest | [`ingest`] | a bounded queue in front of one group-commit writer: batches are de-duplicated, routed and committed in one transaction, then each sender is answered |
 //! | store | [`store`] | alarms, outbox, stage timestamps and quarantine in SQLite or PostgreSQL, migrated at start |
 //! | route | [`route`] | the contract in force for the tenant on the alarm's day; the route is stored with the alarm |

@@ -8,6 +8,7 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::source::mqtt::payload::RejectReason;
+use crate::source::serial::frame::InvalidReason;
 
 /// The gateway's counters. Shared behind an `Arc`.
 #[derive(Debug, Default)]
@@ -52,6 +53,14 @@ pub struct Metrics {
     pub seq_gaps: AtomicU64,
     /// Skipped sequence numbers that arrived late after all.
     pub seq_gaps_filled: AtomicU64,
+    /// Lines read from serial ports (signals, heartbeats, bad lines).
+    pub serial_lines: AtomicU64,
+    /// Serial lines rejected, by reason (indexed by `InvalidReason as usize`).
+    pub serial_rejected: [AtomicU64; InvalidReason::COUNT],
+    /// Serial ports lost or failing to open.
+    pub serial_port_lost: AtomicU64,
+    /// `comms_fail` alarms raised for ports down too long.
+    pub comms_fails_raised: AtomicU64,
 }
 
 impl Metrics {
@@ -80,7 +89,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, &AtomicU64); 19] = [
+        let plain: [(&str, &str, &AtomicU64); 22] = [
             (
                 "telegate_mqtt_messages_total",
                 "MQTT PUBLISH packets received",
@@ -176,6 +185,21 @@ impl Metrics {
                 "skipped sequence numbers that arrived late",
                 &self.seq_gaps_filled,
             ),
+            (
+                "telegate_serial_lines_total",
+                "lines read from serial ports",
+                &self.serial_lines,
+            ),
+            (
+                "telegate_serial_port_lost_total",
+                "serial ports lost or failing to open",
+                &self.serial_port_lost,
+            ),
+            (
+                "telegate_comms_fails_raised_total",
+                "comms_fail alarms raised for ports down too long",
+                &self.comms_fails_raised,
+            ),
         ];
         for (name, help, counter) in plain {
             let _ = writeln!(
@@ -184,19 +208,27 @@ impl Metrics {
                 Metrics::get(counter)
             );
         }
-        let name = "telegate_rejected_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} payloads rejected, by reason\n# TYPE {name} counter"
+        by_reason(
+            &mut out,
+            "telegate_rejected_total",
+            "payloads rejected, by reason",
+            RejectReason::ALL.map(|r| (r.as_str(), self.rejected(r))),
         );
-        for reason in RejectReason::ALL {
-            let _ = writeln!(
-                out,
-                "{name}{{reason=\"{}\"}} {}",
-                reason.as_str(),
-                self.rejected(reason)
-            );
-        }
+        by_reason(
+            &mut out,
+            "telegate_serial_rejected_total",
+            "serial lines rejected, by reason",
+            InvalidReason::ALL
+                .map(|r| (r.as_str(), Metrics::get(&self.serial_rejected[r as usize]))),
+        );
         out
+    }
+}
+
+/// Writes a counter with a `reason` label.
+fn by_reason<const N: usize>(out: &mut String, name: &str, help: &str, counts: [(&str, u64); N]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (reason, count) in counts {
+        let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {count}");
     }
 }

@@ -38,6 +38,15 @@ impl Qualifier {
             _ => None,
         }
     }
+
+    /// The digit Contact ID writes for this qualifier.
+    pub fn digit(self) -> u8 {
+        match self {
+            Qualifier::New => 1,
+            Qualifier::Restore => 3,
+            Qualifier::Status => 6,
+        }
+    }
 }
 
 /// Contact ID event codes per class (DESIGN.md).

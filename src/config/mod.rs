@@ -352,6 +352,26 @@ impl fmt::Display for SerialFormat {
     }
 }
 
+impl SerialFormat {
+    /// The line settings a port of this format has unless configured:
+    /// receivers print at 9600 baud 8N1 (the MLR2000's default; an MLR2E is
+    /// usually 19200 7E1), dispersed units talk at 115200 8N1.
+    pub fn default_line(self) -> (u32, u8, Parity, u8) {
+        match self {
+            SerialFormat::Surgard | SerialFormat::ContactId => (9600, 8, Parity::None, 1),
+            SerialFormat::TelecareLine => (115_200, 8, Parity::None, 1),
+        }
+    }
+}
+
+/// Serial parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parity {
+    None,
+    Even,
+    Odd,
+}
+
 /// `[[serial]]`: one serial port.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SerialConfig {
@@ -359,12 +379,50 @@ pub struct SerialConfig {
     pub id: String,
     /// The device, e.g. `/dev/ttyUSB0`.
     pub path: PathBuf,
-    /// Line speed (default 9600).
+    /// Line speed (default by format, see [`SerialFormat::default_line`]).
     pub baud: u32,
+    /// Data bits, 5–8.
+    pub data_bits: u8,
+    pub parity: Parity,
+    /// Stop bits, 1 or 2.
+    pub stop_bits: u8,
     /// How lines are framed and decoded.
     pub format: SerialFormat,
-    /// Every signal from this port belongs to this tenant.
+    /// The tenant of signals no `map` entry names.
     pub tenant: String,
+    /// A port down (unplugged, failing to open) for this long raises a
+    /// `comms_fail` alarm; its return raises the restore
+    /// (`comms_fail_after_s`, default 60).
+    pub comms_fail_after: Duration,
+    /// Which tenant and device a line belongs to, by receiver, line and
+    /// account; the first entry that matches wins.
+    pub map: Vec<SerialMapping>,
+}
+
+/// `[[serial.map]]`: lines whose receiver, line and account match (each
+/// optional, at least one given) belong to this tenant and device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SerialMapping {
+    pub receiver: Option<String>,
+    pub line: Option<String>,
+    /// The panel account, or the unit id on `telecare-line`.
+    pub account: Option<String>,
+    /// The tenant (default: the port's).
+    pub tenant: Option<String>,
+    /// The device id (default: the account or unit id).
+    pub device_id: Option<String>,
+}
+
+impl SerialMapping {
+    /// True when every field the entry gives matches.
+    pub fn matches(&self, receiver: Option<&str>, line: Option<&str>, account: &str) -> bool {
+        let field = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| Some(w) == have)
+        };
+        field(&self.receiver, receiver)
+            && field(&self.line, line)
+            && field(&self.account, Some(account))
+    }
 }
 
 /// A secret from the configuration: an HMAC key, a bearer token, a password.

@@ -80,8 +80,23 @@ pub(super) struct RawSerial {
     pub id: Option<String>,
     pub path: Option<String>,
     pub baud: Option<i64>,
+    pub data_bits: Option<i64>,
+    pub parity: Option<String>,
+    pub stop_bits: Option<i64>,
     pub format: Option<String>,
     pub tenant: Option<String>,
+    pub comms_fail_after_s: Option<i64>,
+    #[serde(default)]
+    pub map: Vec<RawSerialMap>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawSerialMap {
+    pub receiver: Option<String>,
+    pub line: Option<String>,
+    pub account: Option<String>,
+    pub tenant: Option<String>,
+    pub device_id: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

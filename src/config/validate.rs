@@ -14,12 +14,12 @@ use chrono::NaiveDate;
 
 use super::raw::{
     describe, RawAnswerTarget, RawApi, RawConfig, RawContract, RawDeliver, RawFailoverAfter,
-    RawIngest, RawMqtt, RawProvider, RawRetention, RawSerial, RawStore,
+    RawIngest, RawMqtt, RawProvider, RawRetention, RawSerial, RawSerialMap, RawStore,
 };
 use super::{
     AnswerTarget, ApiConfig, BrokerUrl, Config, ConfigProblem, ContractConfig, DeliverConfig,
-    FailoverAfter, IngestConfig, MqttConfig, ProviderConfig, ProviderKind, RetentionConfig,
-    RoutingConfig, Secret, SerialConfig, SerialFormat, StoreConfig, StoreUrl,
+    FailoverAfter, IngestConfig, MqttConfig, Parity, ProviderConfig, ProviderKind, RetentionConfig,
+    RoutingConfig, Secret, SerialConfig, SerialFormat, SerialMapping, StoreConfig, StoreUrl,
 };
 
 /// Longest id, tenant, client id or group name.
@@ -434,7 +434,6 @@ impl<'a> Checker<'a> {
                 Some(PathBuf::from(path))
             }
         });
-        let baud = self.int_in(&format!("{at}.baud"), raw.baud, 9600, 50, 4_000_000);
         let format_path = format!("{at}.format");
         let format =
             self.required(&format_path, raw.format)
@@ -448,13 +447,96 @@ impl<'a> Checker<'a> {
                         None
                     }
                 });
+        let (baud, data_bits, parity, stop_bits) =
+            format.unwrap_or(SerialFormat::Surgard).default_line();
+        let baud = self.int_in(&format!("{at}.baud"), raw.baud, baud.into(), 50, 4_000_000);
+        let data_bits = self.int_in(
+            &format!("{at}.data_bits"),
+            raw.data_bits,
+            data_bits.into(),
+            5,
+            8,
+        );
+        let stop_bits = self.int_in(
+            &format!("{at}.stop_bits"),
+            raw.stop_bits,
+            stop_bits.into(),
+            1,
+            2,
+        );
+        let parity_path = format!("{at}.parity");
+        let parity = match raw.parity.as_deref() {
+            None => Some(parity),
+            Some("none") => Some(Parity::None),
+            Some("even") => Some(Parity::Even),
+            Some("odd") => Some(Parity::Odd),
+            Some(other) => {
+                self.report(
+                    &parity_path,
+                    format!("unknown parity {other:?} (expected none, even or odd)"),
+                );
+                None
+            }
+        };
         let tenant = self.required_name(&format!("{at}.tenant"), raw.tenant);
+        let comms_fail_after = self.seconds(
+            &format!("{at}.comms_fail_after_s"),
+            raw.comms_fail_after_s,
+            60,
+            1,
+            86_400,
+        );
+        let map = raw
+            .map
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| self.serial_map(&format!("{at}.map[{i}]"), m))
+            .collect::<Vec<_>>();
         Some(SerialConfig {
             id: id?,
             path: path?,
             baud: u32::try_from(baud?).ok()?,
+            data_bits: u8::try_from(data_bits?).ok()?,
+            parity: parity?,
+            stop_bits: u8::try_from(stop_bits?).ok()?,
             format: format?,
             tenant: tenant?,
+            comms_fail_after: comms_fail_after?,
+            map: map.into_iter().collect::<Option<_>>()?,
+        })
+    }
+
+    fn serial_map(&mut self, at: &str, raw: RawSerialMap) -> Option<SerialMapping> {
+        if raw.receiver.is_none() && raw.line.is_none() && raw.account.is_none() {
+            self.report(
+                at,
+                "give at least one of receiver, line and account to match",
+            );
+            return None;
+        }
+        let mut text = |key: &str, value: Option<String>| match value {
+            Some(v) if v.is_empty() || v.len() > MAX_NAME => {
+                self.report(
+                    &format!("{at}.{key}"),
+                    format!("must be 1-{MAX_NAME} characters"),
+                );
+                Err(())
+            }
+            other => Ok(other),
+        };
+        let receiver = text("receiver", raw.receiver);
+        let line = text("line", raw.line);
+        let account = text("account", raw.account);
+        let tenant = raw.tenant.map(|t| self.name(&format!("{at}.tenant"), t));
+        let device_id = raw
+            .device_id
+            .map(|d| self.name(&format!("{at}.device_id"), d));
+        Some(SerialMapping {
+            receiver: receiver.ok()?,
+            line: line.ok()?,
+            account: account.ok()?,
+            tenant: tenant.map_or(Some(None), |t| t.map(Some))?,
+            device_id: device_id.map_or(Some(None), |d| d.map(Some))?,
         })
     }
 

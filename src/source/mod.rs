@@ -2,7 +2,10 @@
 //! what it reads to an [`crate::ingest::Ingest`] handle, acknowledging its
 //! sender only once the store has committed.
 
+pub mod code;
+pub mod fault;
 pub mod mqtt;
+pub mod serial;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,6 +57,7 @@ impl Readiness {
 /// Every kind of source the gateway runs (a closed set).
 pub enum Source {
     Mqtt(mqtt::MqttSource),
+    Serial(serial::SerialSource),
 }
 
 impl Source {
@@ -61,6 +65,7 @@ impl Source {
     pub async fn run(self, ready: Readiness, cancel: CancellationToken) {
         match self {
             Source::Mqtt(source) => source.run(ready, cancel).await,
+            Source::Serial(source) => source.run(ready, cancel).await,
         }
     }
 }

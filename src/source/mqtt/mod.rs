@@ -30,7 +30,6 @@
 mod gaps;
 pub mod payload;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,14 +43,15 @@ use tokio_util::sync::CancellationToken;
 
 use self::payload::{
     ack_topic, normalise, parse_alarm, parse_heartbeat, parse_topic, RejectReason, Rejection,
-    Reply, TopicKind, MAX_PAYLOAD,
+    Reply, TopicKind,
 };
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::events;
 use crate::ingest::{Ingest, IngestOutcome, Pending};
 use crate::metrics::Metrics;
-use crate::model::{AlarmClass, AlarmDetails, DedupeKey, NewAlarm, SourceKind, SourceRef};
+use crate::model::SourceKind;
+use crate::source::fault::{device_fault_alarm, FaultInput, FaultLimiter};
 use crate::source::Readiness;
 use crate::store::QuarantineEntry;
 use crate::taxonomy::CodeTable;
@@ -64,8 +64,6 @@ const MAX_OUTSTANDING: usize = 65_535;
 const MAX_PACKET: usize = 256 * 1024;
 /// Replies waiting to be published.
 const REPLY_QUEUE: usize = 10_000;
-/// A device gets at most one `device_fault` alarm per this period.
-const FAULT_PERIOD: chrono::Duration = chrono::Duration::hours(1);
 /// How long shutdown waits for acknowledgements and replies to go out.
 const FLUSH_GRACE: Duration = Duration::from_secs(5);
 
@@ -141,7 +139,7 @@ impl MqttSource {
         let acker = run_acknowledger(ticket_rx, reply_tx, failed_tx);
         let poller = Poller {
             source: &self,
-            faults: HashMap::new(),
+            faults: FaultLimiter::default(),
             epoch: 0,
             backoff: Duration::from_millis(100),
             seqs: gaps::SeqTracker::default(),
@@ -197,7 +195,7 @@ impl MqttSource {
 struct Poller<'a> {
     source: &'a MqttSource,
     /// When each device last got a `device_fault` alarm for broken input.
-    faults: HashMap<(String, String), DateTime<Utc>>,
+    faults: FaultLimiter,
     /// Counts connections; tickets carry it so that a failed connection's
     /// messages are never acknowledged on a later one.
     epoch: u64,
@@ -519,52 +517,26 @@ impl Poller<'_> {
         rejection: &Rejection,
         now: DateTime<Utc>,
     ) {
-        let key = (tenant.to_owned(), device_id.to_owned());
-        if let Some(last) = self.faults.get(&key) {
-            if now.signed_duration_since(*last) < FAULT_PERIOD {
-                return;
-            }
+        if !self.faults.admit(tenant, device_id, now) {
+            return;
         }
-        if self.faults.len() >= 100_000 {
-            self.faults
-                .retain(|_, last| now.signed_duration_since(*last) < FAULT_PERIOD);
-        }
-        self.faults.insert(key, now);
         events::DeviceFaultRaised {
             tenant,
             device_id,
-            reason: rejection.reason,
+            reason: rejection.reason.as_str(),
         }
         .emit(&self.source.metrics);
-        let alarm = NewAlarm {
-            tenant: tenant.to_owned(),
-            device_id: device_id.to_owned(),
-            account: None,
-            seq: None,
-            class: AlarmClass::DeviceFault,
-            restore: false,
-            raised_at: None,
-            received_at: now,
-            source: SourceRef {
-                kind: SourceKind::Internal,
-                id: self.source.config.id.clone(),
-                code: format!("bad_input:{}", rejection.reason.as_str()),
-            },
-            details: AlarmDetails {
-                text: Some(format!(
-                    "device sends input the gateway cannot accept: {}",
-                    rejection.reason_text()
-                )),
-                ..AlarmDetails::default()
-            },
-            raw: raw[..raw.len().min(MAX_PAYLOAD)].to_vec(),
-            dedupe_key: DedupeKey::from_parts(&[
-                "fault",
+        let alarm = device_fault_alarm(
+            &FaultInput {
                 tenant,
                 device_id,
-                &now.timestamp_millis().to_string(),
-            ]),
-        };
+                source_id: &self.source.config.id,
+                reason: rejection.reason.as_str(),
+                explanation: &rejection.reason_text(),
+                raw,
+            },
+            now,
+        );
         // The fault alarm is stored like any other; nobody waits for it.
         if let Err(e) = self.source.ingest.enqueue_alarm(alarm).await {
             tracing::error!(error = %e, tenant, device_id, "cannot queue device_fault alarm");

@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use crate::model::{AlarmDetails, AlarmId, DedupeKey, NewAlarm, SourceKind, SourceRef};
-use crate::taxonomy::{CodeTable, Qualifier};
+pub use crate::source::code::Code;
+use crate::source::code::{parse_cid, parse_sia, valid_event_name};
+use crate::taxonomy::CodeTable;
 
 /// The largest alarm payload accepted, in bytes.
 pub const MAX_PAYLOAD: usize = 4 * 1024;
@@ -86,35 +88,6 @@ pub fn parse_topic(topic: &str) -> Result<DeviceTopic<'_>, TopicError> {
 /// The topic the gateway answers a device's alarms on.
 pub fn ack_topic(tenant: &str, device_id: &str) -> String {
     format!("telecare/{tenant}/{device_id}/ack")
-}
-
-/// The code an alarm payload carries: exactly one of `event`, `cid`, `sia`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Code {
-    /// A taxonomy class name (or a well-formed name not in it).
-    Event(String),
-    /// Contact ID qualifier and three-digit event code.
-    ContactId { qualifier: Qualifier, event: u16 },
-    /// A two-letter SIA code.
-    Sia(String),
-}
-
-impl Code {
-    /// The code as the device sent it, e.g. `fall`, `1101`, `MA`.
-    pub fn original(&self) -> String {
-        match self {
-            Code::Event(name) => name.clone(),
-            Code::ContactId { qualifier, event } => {
-                let q = match qualifier {
-                    Qualifier::New => 1,
-                    Qualifier::Restore => 3,
-                    Qualifier::Status => 6,
-                };
-                format!("{q}{event:03}")
-            }
-            Code::Sia(code) => code.clone(),
-        }
-    }
 }
 
 /// An optional field that was dropped because its value broke the contract.
@@ -386,11 +359,9 @@ fn parse_code(obj: &Map<String, Value>, seq: u64) -> Result<Code, Rejection> {
                     "cid must be four digits, the first 1, 3 or 6",
                 )
             }),
-        ["sia"] => match obj.get("sia").and_then(Value::as_str) {
-            Some(s) if s.len() == 2 && s.bytes().all(|b| b.is_ascii_uppercase()) => {
-                Ok(Code::Sia(s.to_owned()))
-            }
-            _ => Err(Rejection::new(
+        ["sia"] => match obj.get("sia").and_then(Value::as_str).and_then(parse_sia) {
+            Some(code) => Ok(code),
+            None => Err(Rejection::new(
                 seq,
                 RejectReason::BadSia,
                 "sia must be two upper-case letters",
@@ -405,26 +376,6 @@ fn parse_code(obj: &Map<String, Value>, seq: u64) -> Result<Code, Rejection> {
             ),
         )),
     }
-}
-
-/// An event name is well-formed when it looks like a taxonomy class name.
-fn valid_event_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
-    (1..=64).contains(&bytes.len())
-        && bytes[0].is_ascii_lowercase()
-        && bytes
-            .iter()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_')
-}
-
-fn parse_cid(s: &str) -> Option<Code> {
-    let b = s.as_bytes();
-    if b.len() != 4 || !b.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let qualifier = Qualifier::from_digit(b[0] - b'0')?;
-    let event = u16::from(b[1] - b'0') * 100 + u16::from(b[2] - b'0') * 10 + u16::from(b[3] - b'0');
-    Some(Code::ContactId { qualifier, event })
 }
 
 /// Parses a heartbeat payload: `{"seq": n}` or empty. Returns the sequence
@@ -453,17 +404,7 @@ pub fn normalise(
     received_at: DateTime<Utc>,
     raw: Vec<u8>,
 ) -> NewAlarm {
-    let (class, code_restores) = match &payload.code {
-        Code::Event(name) => (table.event(name), false),
-        Code::ContactId { qualifier, event } => {
-            let m = table.contact_id(*qualifier, *event);
-            (m.class, m.restore)
-        }
-        Code::Sia(code) => {
-            let m = table.sia(code);
-            (m.class, m.restore)
-        }
-    };
+    let (class, code_restores) = payload.code.classify(table);
     let restore = code_restores || payload.restore == Some(true);
     let code = payload.code.original();
     let dedupe_key = DedupeKey::for_device_signal(
@@ -528,6 +469,7 @@ impl Reply {
 mod tests {
     use super::*;
     use crate::model::AlarmClass;
+    use crate::taxonomy::Qualifier;
 
     fn reason(payload: &str) -> RejectReason {
         parse_alarm(payload.as_bytes()).unwrap_err().reason
