@@ -5,6 +5,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use telegate::config::{Config, ConfigError, StoreUrl};
 
@@ -81,6 +82,26 @@ const INVALID: &[(&str, &[(&str, &str)])] = &[
         &[
             ("serial[0].baud", "expected an integer, found a string"),
             ("provider[0].timeout_s", "expected an integer, found a string"),
+        ],
+    ),
+    (
+        "bad-serial.toml",
+        &[
+            ("serial[0].data_bits", "must be between 5 and 8"),
+            ("serial[0].stop_bits", "must be between 1 and 2"),
+            (
+                "serial[0].parity",
+                "unknown parity \"mark\" (expected none, even or odd)",
+            ),
+            ("serial[0].comms_fail_after_s", "must be between 1 and 86400"),
+            (
+                "serial[0].map[0]",
+                "give at least one of receiver, line and account to match",
+            ),
+            (
+                "serial[0].map[1].device_id",
+                "\"flat 12\" may only contain A-Z, a-z, 0-9, '.', '_' and '-'",
+            ),
         ],
     ),
     (
@@ -182,7 +203,11 @@ fn every_invalid_file_has_expectations() {
 
 #[test]
 fn valid_files_load_without_environment() {
-    for file in ["config/valid/minimal.toml", "config/valid/embedded.toml"] {
+    for file in [
+        "config/valid/minimal.toml",
+        "config/valid/embedded.toml",
+        "config/valid/serial.toml",
+    ] {
         if let Err(err) = Config::from_toml_str(&read(file), file, &no_env) {
             panic!("{file} was rejected:\n{err}");
         }
@@ -321,4 +346,32 @@ fn check_reports_an_unreadable_file() {
         lines[0].starts_with("config/invalid/no-such-file.toml: (file): cannot read: "),
         "{lines:?}"
     );
+}
+
+#[test]
+fn serial_ports_get_their_formats_line_settings_unless_given() {
+    use telegate::config::{Parity, SerialFormat};
+    let file = "config/valid/serial.toml";
+    let config =
+        Config::from_toml_str(&read(file), file, &no_env).unwrap_or_else(|err| panic!("{err}"));
+    let [rx, dialler, hub] = config.serial.as_slice() else {
+        panic!("three ports")
+    };
+    assert_eq!(rx.format, SerialFormat::Surgard);
+    assert_eq!(
+        (rx.baud, rx.data_bits, rx.parity, rx.stop_bits),
+        (19200, 7, Parity::Even, 1)
+    );
+    assert_eq!(
+        (dialler.baud, dialler.data_bits, dialler.parity),
+        (9600, 8, Parity::None)
+    );
+    assert_eq!(dialler.comms_fail_after, Duration::from_secs(300));
+    assert_eq!(hub.baud, 115_200);
+    assert_eq!(hub.comms_fail_after, Duration::from_secs(60));
+    assert_eq!(rx.map.len(), 2);
+    assert!(rx.map[0].matches(Some("01"), Some("2"), "9999"));
+    assert!(!rx.map[0].matches(Some("01"), Some("1"), "9999"));
+    assert!(rx.map[1].matches(Some("03"), None, "1234"));
+    assert_eq!(rx.map[1].device_id.as_deref(), Some("flat-12-pendant"));
 }

@@ -4,6 +4,8 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+#[cfg(unix)]
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -11,6 +13,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use firmware_sim::arc::{ArcConfig, ArcSim, Delay};
 use firmware_sim::fleet::{Fleet, FleetConfig};
+#[cfg(unix)]
+use firmware_sim::serial::{LineFormat, SerialSim, SerialSimConfig};
 use tracing::error;
 use tracing_subscriber::EnvFilter;
 
@@ -30,6 +34,9 @@ enum Command {
     Arc(ArcArgs),
     /// Run a fleet of simulated devices that send alarms and heartbeats over MQTT.
     Fleet(FleetArgs),
+    /// Run an alarm receiver or a line of dispersed units on a pseudo-terminal (a simulated serial port).
+    #[cfg(unix)]
+    Serial(SerialArgs),
 }
 
 #[derive(Args)]
@@ -112,6 +119,88 @@ struct FleetArgs {
     seed: u64,
 }
 
+#[cfg(unix)]
+#[derive(Args)]
+struct SerialArgs {
+    /// Line format: surgard, contact-id or telecare-line.
+    #[arg(long, default_value = "surgard")]
+    format: LineFormat,
+    /// Path of the symlink to the pseudo-terminal (the gateway's [[serial]] path); replaced if it exists.
+    #[arg(long)]
+    link: PathBuf,
+    /// New lines per second; 0 sends them as fast as the window and the baud rate allow.
+    #[arg(long, default_value_t = 5.0, value_parser = parse_non_negative)]
+    rate: f64,
+    /// Lines to send in all; the run ends once all are acknowledged (default: no limit).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Seconds to send for (default: until --count lines are acknowledged, or Ctrl-C).
+    #[arg(long, value_parser = parse_non_negative)]
+    duration_s: Option<f64>,
+    /// Baud rate: at most baud/10 bytes a second are written.
+    #[arg(long, default_value_t = 9600)]
+    baud: u32,
+    /// Lines awaiting an answer at once [default: 1, or 16 for telecare-line].
+    #[arg(long)]
+    window: Option<usize>,
+    /// Milliseconds without an answer before a line is sent again.
+    #[arg(long, default_value_t = 4000)]
+    ack_timeout_ms: u64,
+    /// Share (0-1) of lines written right after a burst of garbage bytes.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_share)]
+    garbage_share: f64,
+    /// Distinct accounts (surgard, contact-id) or units (telecare-line).
+    #[arg(long, default_value_t = 50)]
+    accounts: u32,
+    /// Sur-Gard receiver number (RR).
+    #[arg(long, default_value_t = 1)]
+    receiver: u8,
+    /// Sur-Gard line number (L).
+    #[arg(long, default_value_t = 1)]
+    line: u8,
+    /// Seconds between heartbeats (each unit's, for telecare-line); 0 sends none [default: 30 for surgard,
+    /// none otherwise].
+    #[arg(long, value_parser = parse_non_negative)]
+    heartbeat_s: Option<f64>,
+    /// Seconds between unplugs of the port (with --unplug-for-s).
+    #[arg(long, requires = "unplug_for_s", value_parser = parse_positive)]
+    unplug_every_s: Option<f64>,
+    /// Seconds the port stays unplugged (with --unplug-every-s).
+    #[arg(long, requires = "unplug_every_s", value_parser = parse_non_negative)]
+    unplug_for_s: Option<f64>,
+    /// Seed of the line generator.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+#[cfg(unix)]
+impl SerialArgs {
+    fn config(&self) -> SerialSimConfig {
+        let heartbeat_s = self.heartbeat_s.unwrap_or(match self.format {
+            LineFormat::Surgard => 30.0,
+            LineFormat::ContactId | LineFormat::TelecareLine => 0.0,
+        });
+        SerialSimConfig {
+            format: self.format,
+            link: self.link.clone(),
+            rate: self.rate,
+            count: self.count,
+            baud: self.baud,
+            window: self.window.unwrap_or(match self.format {
+                LineFormat::TelecareLine => 16,
+                LineFormat::Surgard | LineFormat::ContactId => 1,
+            }),
+            ack_timeout: Duration::from_millis(self.ack_timeout_ms),
+            garbage_share: self.garbage_share,
+            accounts: self.accounts,
+            receiver: self.receiver,
+            line: self.line,
+            heartbeat: (heartbeat_s > 0.0).then(|| seconds(heartbeat_s)),
+            seed: self.seed,
+        }
+    }
+}
+
 /// A broker address from `--broker`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Broker {
@@ -163,6 +252,14 @@ fn parse_non_negative(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(value) if value.is_finite() && value >= 0.0 => Ok(value),
         _ => Err(format!("{text:?} is not a number >= 0")),
+    }
+}
+
+#[cfg(unix)]
+fn parse_positive(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if value.is_finite() && value > 0.0 => Ok(value),
+        _ => Err(format!("{text:?} is not a number > 0")),
     }
 }
 
@@ -234,6 +331,8 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Arc(args) => run_arc(args).await,
         Command::Fleet(args) => run_fleet(args).await,
+        #[cfg(unix)]
+        Command::Serial(args) => run_serial(args).await,
     };
     match result {
         Ok(code) => code,
@@ -330,6 +429,160 @@ async fn run_fleet(args: FleetArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// How often the serial simulator prints its progress line.
+#[cfg(unix)]
+const SERIAL_PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// The longest wait for unacknowledged lines after Ctrl-C or SIGTERM.
+#[cfg(unix)]
+const SIGNAL_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the serial simulator until `--count` lines are acknowledged, `--duration-s` is over, or Ctrl-C or
+/// SIGTERM; drains, and prints the counters as one line on stdout. Exits 1 when lines are still
+/// unacknowledged after the drain.
+#[cfg(unix)]
+async fn run_serial(args: SerialArgs) -> anyhow::Result<ExitCode> {
+    let sim = SerialSim::start(args.config())
+        .await
+        .with_context(|| format!("starting the serial simulator at {}", args.link.display()))?;
+    let device = sim
+        .device()
+        .map_or_else(|| "-".to_owned(), |d| d.display().to_string());
+    eprintln!(
+        "serial: {} on {} -> {device}",
+        args.format,
+        args.link.display()
+    );
+    let started = tokio::time::Instant::now();
+    let (signalled, unplugged) = run_serial_until_done(&args, &sim, started).await;
+    if unplugged {
+        replug(&sim).await;
+    }
+    sim.stop_offering();
+    let waiting = sim.stats().waiting;
+    if waiting > 0 {
+        let timeout = if signalled {
+            SIGNAL_DRAIN_TIMEOUT
+        } else {
+            DRAIN_TIMEOUT
+        };
+        eprintln!(
+            "serial: stopped offering; waiting up to {} s for {waiting} unacknowledged lines",
+            timeout.as_secs()
+        );
+        // Another Ctrl-C or SIGTERM cuts the drain short.
+        tokio::select! {
+            _ = sim.drain(timeout) => {}
+            () = shutdown_signal() => {}
+        }
+    }
+    let stats = sim.stop().await;
+    println!("serial: {stats}");
+    Ok(if stats.waiting > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Runs until the count is acknowledged, the duration is over, or a signal; unplugs and replugs the port
+/// on schedule meanwhile. Returns whether a signal ended it and whether the port is unplugged.
+#[cfg(unix)]
+async fn run_serial_until_done(
+    args: &SerialArgs,
+    sim: &SerialSim,
+    started: tokio::time::Instant,
+) -> (bool, bool) {
+    let run_for = async {
+        match args.duration_s {
+            Some(duration) => tokio::time::sleep(seconds(duration)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let all_acked = async {
+        match args.count {
+            Some(_) => {
+                sim.wait_acked(Duration::MAX).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    let stop = shutdown_signal();
+    tokio::pin!(run_for, all_acked, stop);
+    let mut progress =
+        tokio::time::interval_at(started + SERIAL_PROGRESS_EVERY, SERIAL_PROGRESS_EVERY);
+    // Periodic unplugging: (every, for how long), and when the port next changes state.
+    let unplugs = args
+        .unplug_every_s
+        .zip(args.unplug_for_s)
+        .map(|(every, down)| (seconds(every), seconds(down)));
+    let mut unplugged = false;
+    let mut next_toggle = unplugs.map(|(every, _)| started + every);
+    let mut last_sent = 0;
+    let mut signalled = false;
+    loop {
+        let toggle = async {
+            match next_toggle {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = &mut run_for => break,
+            () = &mut all_acked => break,
+            () = &mut stop => {
+                signalled = true;
+                break;
+            }
+            () = toggle => {
+                let Some((every, down)) = unplugs else { continue };
+                if unplugged {
+                    replug(sim).await;
+                    unplugged = false;
+                    next_toggle = Some(tokio::time::Instant::now() + every);
+                } else {
+                    sim.unplug();
+                    eprintln!("serial: unplugged for {:.1} s", down.as_secs_f64());
+                    unplugged = true;
+                    next_toggle = Some(tokio::time::Instant::now() + down);
+                }
+            }
+            _ = progress.tick() => {
+                let stats = sim.stats();
+                let rate = (stats.sent - last_sent) as f64 / SERIAL_PROGRESS_EVERY.as_secs_f64();
+                last_sent = stats.sent;
+                eprintln!(
+                    "serial: {:>4}s sent={} acked={} waiting={} naks={} resends={} garbage={} heartbeats={} \
+                     unplugs={} rate={rate:.1}/s",
+                    started.elapsed().as_secs(),
+                    stats.sent,
+                    stats.acked,
+                    stats.waiting,
+                    stats.naks,
+                    stats.resends,
+                    stats.garbage_bursts,
+                    stats.heartbeats,
+                    stats.unplugs,
+                );
+            }
+        }
+    }
+    (signalled, unplugged)
+}
+
+/// Plugs the simulated port in again, logging a failure (the lines then wait).
+#[cfg(unix)]
+async fn replug(sim: &SerialSim) {
+    match sim.replug().await {
+        Ok(()) => {
+            let device = sim
+                .device()
+                .map_or_else(|| "-".to_owned(), |d| d.display().to_string());
+            eprintln!("serial: plugged in again -> {device}");
+        }
+        Err(err) => error!(error = %err, "cannot plug the port in again"),
+    }
 }
 
 /// Resolves on Ctrl-C or, on Unix, SIGTERM.
