@@ -13,13 +13,16 @@ use std::time::Duration;
 
 use chrono::Utc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use sqlx::Connection;
 use telegate::config::{Config, IngestConfig, StoreUrl};
 use telegate::ingest::{self, Ingest};
 use telegate::metrics::Metrics;
 use telegate::model::{AlarmClass, AlarmDetails, DedupeKey, NewAlarm, SourceKind, SourceRef};
 use telegate::route::Router;
 use telegate::store::Store;
+
+#[path = "support/pg.rs"]
+mod pg;
+use pg::PgDatabase;
 
 /// Alarms submitted concurrently per iteration.
 const ALARMS: usize = 1_000;
@@ -149,48 +152,6 @@ fn start_ingest(
     );
     rt.spawn(writer.run());
     ingest
-}
-
-/// A database of its own on the PostgreSQL server, for one bench group.
-struct PgDatabase {
-    server: String,
-    name: String,
-    url: String,
-}
-
-impl PgDatabase {
-    async fn create(server: &str) -> Result<PgDatabase, Box<dyn std::error::Error>> {
-        let name = format!("tg_bench_{}", uuid::Uuid::new_v4().simple());
-        let mut url = url::Url::parse(server)?;
-        url.set_path(&format!("/{name}"));
-        let mut admin = sqlx::PgConnection::connect(server).await?;
-        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await?;
-        Ok(PgDatabase {
-            server: server.to_owned(),
-            name,
-            url: url.to_string(),
-        })
-    }
-
-    /// Drops the database; best-effort, a failure is only reported.
-    async fn drop_now(self) {
-        let dropped = async {
-            let mut admin = sqlx::PgConnection::connect(&self.server).await?;
-            sqlx::query(&format!(
-                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut admin)
-            .await?;
-            admin.close().await
-        };
-        if let Err(e) = dropped.await {
-            eprintln!("could not drop bench database {}: {e}", self.name);
-        }
-    }
 }
 
 criterion_group!(benches, bench_ingest);

@@ -1,0 +1,708 @@
+//! The end-to-end load bench: a broker, the gateway as a child process
+//! (`telegate run` with a generated configuration) and ARC simulators, all on
+//! this machine, driven by a simulated device fleet.
+//!
+//! ```sh
+//! cargo bench --bench load -- --scenario steady|max|storm|serial [--store-url URL] [--broker-url URL]
+//! ```
+//!
+//! Each scenario ends with one line on stdout:
+//! `load: scenario=NAME store=sqlite|postgres broker=embedded|mosquitto offered=N/s achieved=N/s sent=N
+//! delivered=N lost=N p50_ms=X p99_ms=Y crit_p99_ms=Z broker_ratio=R cpu_pct=C rss_mb=M`
+//!
+//! - latency: device publish → accepted by the ARC simulator; `crit_p99_ms` over critical alarms only;
+//! - `lost`: alarms the gateway acknowledged to a device and the ARC never accepted, after a drain of at most
+//!   30 s;
+//! - `achieved`: alarms delivered per second, from the first publish to the last acceptance;
+//! - `broker_ratio`: `achieved` over the raw QoS 1 publish → subscribe rate of the same broker, measured in the
+//!   same run with payloads of the same size;
+//! - `cpu_pct` (0–200 on 2 cores) and `rss_mb` (peak resident memory) are the gateway process's, the embedded
+//!   broker included when it is the broker.
+//!
+//! `serial` runs 8 `telecare-line` ports at 115,200 baud at full line rate instead of MQTT and prints
+//! `ports=8 baud=115200` in place of the broker fields.
+
+#[path = "support/pg.rs"]
+mod pg;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use clap::Parser;
+use firmware_sim::arc::{ArcConfig, ArcSim};
+use firmware_sim::fleet::{Fleet, FleetConfig, Mix};
+use firmware_sim::serial::{LineFormat, SerialSim, SerialSimConfig};
+use pg::PgDatabase;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+
+/// How long the bench waits for stragglers after the offered load stops.
+const DRAIN: Duration = Duration::from_secs(30);
+
+#[derive(Parser, Debug)]
+#[command(about = "End-to-end load bench of the whole gateway")]
+struct Args {
+    /// steady, max, storm or serial.
+    #[arg(long, default_value = "steady")]
+    scenario: String,
+    /// A PostgreSQL server (postgres://user@host/db); the gateway stores in a fresh database on it.
+    #[arg(long)]
+    store_url: Option<String>,
+    /// An MQTT broker such as Mosquitto (mqtt://host:port) instead of the gateway's embedded one.
+    #[arg(long)]
+    broker_url: Option<String>,
+    /// steady: the offered rate in alarms/s (default 1000).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// steady: seconds of load (default 30); max: seconds per step (default 15).
+    #[arg(long)]
+    duration_s: Option<u64>,
+    /// max: the first step's rate and the step (default 2000).
+    #[arg(long, default_value_t = 2000.0)]
+    step: f64,
+    /// Seeds the simulators.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Passed by `cargo bench`; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+/// Where the broker is.
+#[derive(Clone, Debug)]
+struct Broker {
+    embedded: bool,
+    host: String,
+    port: u16,
+}
+
+impl Broker {
+    fn name(&self) -> &'static str {
+        if self.embedded {
+            "embedded"
+        } else {
+            "mosquitto"
+        }
+    }
+}
+
+/// The gateway as a child process.
+struct Gateway {
+    child: std::process::Child,
+    api: String,
+    _dir: tempfile::TempDir,
+    database: Option<PgDatabase>,
+}
+
+impl Gateway {
+    async fn start(
+        args: &Args,
+        sources: &str,
+        arc: &ArcSim,
+    ) -> Result<Gateway, Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let (store_url, database) = match &args.store_url {
+            Some(server) => {
+                let db = PgDatabase::create(server).await?;
+                (db.url.clone(), Some(db))
+            }
+            None => (
+                format!("sqlite://{}", dir.path().join("load.db").display()),
+                None,
+            ),
+        };
+        let api_port = telegate::broker::free_port()?;
+        let toml = format!(
+            "[store]\nurl = \"{store_url}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n{sources}\n\
+             [[provider]]\nid = \"arc\"\nurl = \"{}\"\nsecret = \"load-secret\"\ntoken = \"load-token\"\n\n\
+             [routing]\ndefault_provider = \"arc\"\n",
+            arc.url()
+        );
+        let config = dir.path().join("load.toml");
+        std::fs::write(&config, toml)?;
+        let log = std::fs::File::create(dir.path().join("gateway.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_telegate"))
+            .args(["run", "-c"])
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        let gateway = Gateway {
+            child,
+            api: format!("http://127.0.0.1:{api_port}"),
+            _dir: dir,
+            database,
+        };
+        gateway.wait_ready().await?;
+        Ok(gateway)
+    }
+
+    async fn wait_ready(&self) -> Result<(), Box<dyn std::error::Error>> {
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(r) = client.get(format!("{}/readyz", self.api)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err("the gateway did not become ready within 30 s".into())
+    }
+
+    fn log(&self) -> PathBuf {
+        self._dir.path().join("gateway.log")
+    }
+
+    /// CPU seconds used so far (user + system).
+    fn cpu_s(&self) -> f64 {
+        let stat =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        // Fields after the command name (which may hold spaces) start at ") ".
+        let fields: Vec<&str> = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        // utime and stime are fields 14 and 15 of the whole line.
+        (ticks(11) + ticks(12)) / clock_ticks()
+    }
+
+    /// Peak resident memory in MB.
+    fn peak_rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    }
+
+    async fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let database = self.database.take();
+        let mut child = self.child;
+        let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        if let Some(db) = database {
+            db.drop_now().await;
+        }
+    }
+}
+
+fn clock_ticks() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// What one run measured.
+#[derive(Debug, Default, Clone)]
+struct Measured {
+    offered: f64,
+    achieved: f64,
+    sent: u64,
+    delivered: u64,
+    lost: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    crit_p99_ms: f64,
+    cpu_pct: f64,
+    rss_mb: f64,
+}
+
+/// One alarm as the load generator saw it.
+struct Sent {
+    first_sent: DateTime<Utc>,
+    critical: bool,
+    /// The id the gateway acknowledged it with.
+    alarm_id: Option<String>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Latencies, losses and throughput from what was sent and what the ARC took.
+fn measure(sent: &[Sent], arc: &ArcSim, offered: f64) -> Measured {
+    let mut accepted: HashMap<String, DateTime<Utc>> = HashMap::new();
+    for a in arc.accepted() {
+        let at = accepted.entry(a.alarm_id.clone()).or_insert(a.received_at);
+        *at = (*at).min(a.received_at);
+    }
+    let mut all = Vec::new();
+    let mut critical = Vec::new();
+    let mut lost = 0;
+    let first = sent.iter().map(|s| s.first_sent).min();
+    let mut last = first;
+    for s in sent {
+        let Some(id) = &s.alarm_id else { continue };
+        match accepted.get(id) {
+            Some(at) => {
+                let ms = (*at - s.first_sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                all.push(ms);
+                if s.critical {
+                    critical.push(ms);
+                }
+                last = last.max(Some(*at));
+            }
+            None => lost += 1,
+        }
+    }
+    all.sort_by(f64::total_cmp);
+    critical.sort_by(f64::total_cmp);
+    let span = match (first, last) {
+        (Some(f), Some(l)) => (l - f).num_milliseconds().max(1) as f64 / 1000.0,
+        _ => 1.0,
+    };
+    Measured {
+        offered,
+        achieved: all.len() as f64 / span,
+        sent: sent.len() as u64,
+        delivered: all.len() as u64,
+        lost,
+        p50_ms: percentile(&all, 50.0),
+        p99_ms: percentile(&all, 99.0),
+        crit_p99_ms: percentile(&critical, 99.0),
+        ..Measured::default()
+    }
+}
+
+/// Every alarm a fleet raised.
+fn fleet_sent(fleet: &Fleet) -> Vec<Sent> {
+    fleet
+        .alarms()
+        .into_iter()
+        .map(|a| Sent {
+            first_sent: a.first_published,
+            critical: a.critical,
+            alarm_id: a.alarm_id,
+        })
+        .collect()
+}
+
+/// Waits until the ARC holds every alarm the gateway acknowledged, at most
+/// until `deadline`.
+async fn wait_delivered(arc: &ArcSim, sent: impl Fn() -> Vec<Sent>, deadline: Instant) {
+    loop {
+        let accepted = arc.accepted_ids();
+        let missing = sent()
+            .iter()
+            .filter(|s| s.alarm_id.as_ref().is_some_and(|id| !accepted.contains(id)))
+            .count();
+        if missing == 0 || Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The raw QoS 1 publish → subscribe rate of a broker, with `payload` bytes
+/// a message: one publisher, one subscriber, `n` messages.
+async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
+    let topic = format!("loadbench/{}/raw", uuid::Uuid::new_v4().simple());
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let mut sub_opts = MqttOptions::new(format!("lb-sub-{}", &id[..8]), &broker.host, broker.port);
+    sub_opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (sub, mut sub_loop) = AsyncClient::new(sub_opts, 1000);
+    if sub.subscribe(&topic, QoS::AtLeastOnce).await.is_err() {
+        return 0.0;
+    }
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let receiver = tokio::spawn(async move {
+        let mut subscribed_tx = Some(subscribed_tx);
+        let mut got = 0usize;
+        let mut started = None;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(10), sub_loop.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Ok(Event::Incoming(Packet::Publish(_)))) => {
+                    started.get_or_insert_with(Instant::now);
+                    got += 1;
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        (got, started)
+    });
+    if tokio::time::timeout(Duration::from_secs(10), subscribed)
+        .await
+        .is_err()
+    {
+        return 0.0;
+    }
+    let mut pub_opts = MqttOptions::new(format!("lb-pub-{}", &id[..8]), &broker.host, broker.port);
+    pub_opts.set_inflight(1000);
+    pub_opts.set_max_packet_size(64 * 1024, 64 * 1024);
+    let (publisher, mut pub_loop) = AsyncClient::new(pub_opts, 1000);
+    let driver = tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
+    let body = vec![b'x'; payload];
+    let start = Instant::now();
+    for _ in 0..n {
+        if publisher
+            .publish(&topic, QoS::AtLeastOnce, false, body.clone())
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (got, _) = receiver.await.unwrap_or((0, None));
+    let elapsed = start.elapsed().as_secs_f64();
+    driver.abort();
+    let _ = sub.disconnect().await;
+    got as f64 / elapsed.max(1e-3)
+}
+
+/// The `[[mqtt]]` entry for the broker.
+fn mqtt_source(broker: &Broker) -> String {
+    let scheme = if broker.embedded { "embedded" } else { "mqtt" };
+    format!(
+        "[[mqtt]]\nid = \"devices\"\nurl = \"{scheme}://{}:{}\"\nclient_id = \"load-{}\"\n",
+        broker.host,
+        broker.port,
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+/// A fleet offering `rate` alarms/s of `mix` to `tenant`-prefixed tenants.
+async fn start_fleet(
+    broker: &Broker,
+    label: &str,
+    rate: f64,
+    mix: Mix,
+    seed: u64,
+) -> Result<Fleet, Box<dyn std::error::Error>> {
+    let mut config = FleetConfig::new(&broker.host, broker.port);
+    config.client_prefix = format!(
+        "lb-{label}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..6]
+    );
+    config.connections = 4;
+    config.tenants = (1..=4).map(|i| format!("{label}-t{i}")).collect();
+    config.devices = 4000;
+    config.rate = rate;
+    config.heartbeat_interval = Duration::ZERO;
+    config.resend_after = Duration::from_secs(5);
+    config.mix = mix;
+    config.seed = seed;
+    Ok(Fleet::start(config).await?)
+}
+
+fn mix(critical: f64, urgent: f64, technical: f64, routine: f64) -> Mix {
+    Mix {
+        critical,
+        urgent,
+        technical,
+        routine,
+        restore_share: 0.1,
+    }
+}
+
+/// Offers load with `fleets` (label, rate, mix) for `duration`, drains, and
+/// measures the gateway.
+async fn run_mqtt_load(
+    gateway: &Gateway,
+    broker: &Broker,
+    arc: &ArcSim,
+    fleets: &[(&str, f64, Mix)],
+    duration: Duration,
+    seed: u64,
+) -> Result<Measured, Box<dyn std::error::Error>> {
+    let mut started = Vec::new();
+    for (i, (label, rate, mix)) in fleets.iter().enumerate() {
+        started.push(start_fleet(broker, label, *rate, *mix, seed + i as u64).await?);
+    }
+    let cpu0 = gateway.cpu_s();
+    let t0 = Instant::now();
+    tokio::time::sleep(duration).await;
+    for fleet in &started {
+        fleet.stop_sending();
+    }
+    let deadline = Instant::now() + DRAIN;
+    for fleet in &started {
+        fleet
+            .drain(deadline.saturating_duration_since(Instant::now()))
+            .await;
+    }
+    let sent = || started.iter().flat_map(fleet_sent).collect::<Vec<_>>();
+    wait_delivered(arc, sent, deadline).await;
+    let cpu = (gateway.cpu_s() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let offered = fleets.iter().map(|f| f.1).sum();
+    let mut m = measure(&sent(), arc, offered);
+    m.cpu_pct = cpu;
+    m.rss_mb = gateway.peak_rss_mb();
+    for fleet in started {
+        fleet.shutdown().await;
+    }
+    Ok(m)
+}
+
+fn print_line(scenario: &str, args: &Args, broker: &Broker, raw: f64, m: &Measured) {
+    let store = if args.store_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    println!(
+        "load: scenario={scenario} store={store} broker={} offered={:.0}/s achieved={:.0}/s sent={} delivered={} \
+         lost={} p50_ms={:.1} p99_ms={:.1} crit_p99_ms={:.1} broker_ratio={:.2} cpu_pct={:.0} rss_mb={:.0}",
+        broker.name(),
+        m.offered,
+        m.achieved,
+        m.sent,
+        m.delivered,
+        m.lost,
+        m.p50_ms,
+        m.p99_ms,
+        m.crit_p99_ms,
+        if raw > 0.0 { m.achieved / raw } else { 0.0 },
+        m.cpu_pct,
+        m.rss_mb
+    );
+}
+
+/// A typical fleet payload's size, for the raw broker measurement.
+fn payload_size(seed: u64) -> usize {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let sizes: Vec<usize> = (0..100)
+        .map(|i| {
+            firmware_sim::fleet::Signal::draw(&mut rng, &Mix::default())
+                .payload(1000 + i, "2026-11-22T10:15:30.123Z")
+                .len()
+        })
+        .collect();
+    sizes.iter().sum::<usize>() / sizes.len()
+}
+
+async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let broker = match &args.broker_url {
+        Some(url) => {
+            let url = url::Url::parse(url)?;
+            Broker {
+                embedded: false,
+                host: url.host_str().unwrap_or("127.0.0.1").to_owned(),
+                port: url.port().unwrap_or(1883),
+            }
+        }
+        None => Broker {
+            embedded: true,
+            host: "127.0.0.1".to_owned(),
+            port: telegate::broker::free_port()?,
+        },
+    };
+    let arc = ArcSim::start(ArcConfig::new("load-secret", "load-token")).await?;
+    let gateway = Gateway::start(args, &mqtt_source(&broker), &arc).await?;
+    eprintln!("load: gateway up (log in {})", gateway.log().display());
+    let raw = raw_broker_rate(&broker, payload_size(args.seed), 50_000).await;
+    eprintln!(
+        "load: raw QoS 1 publish->subscribe rate of the {} broker: {raw:.0} msg/s",
+        broker.name()
+    );
+    let result = match args.scenario.as_str() {
+        "steady" => {
+            let rate = args.rate.unwrap_or(1000.0);
+            let secs = args.duration_s.unwrap_or(30);
+            let m = run_mqtt_load(
+                &gateway,
+                &broker,
+                &arc,
+                &[("steady", rate, mix(0.01, 0.09, 0.6, 0.3))],
+                Duration::from_secs(secs),
+                args.seed,
+            )
+            .await?;
+            print_line("steady", args, &broker, raw, &m);
+            Ok(())
+        }
+        "storm" => {
+            // 20,000 technical alarms in 2 s, and 100 critical ones spread through them.
+            let m = run_mqtt_load(
+                &gateway,
+                &broker,
+                &arc,
+                &[
+                    ("storm-tech", 10_000.0, mix(0.0, 0.0, 1.0, 0.0)),
+                    ("storm-crit", 50.0, mix(1.0, 0.0, 0.0, 0.0)),
+                ],
+                Duration::from_secs(2),
+                args.seed,
+            )
+            .await?;
+            print_line("storm", args, &broker, raw, &m);
+            Ok(())
+        }
+        "max" => {
+            let secs = args.duration_s.unwrap_or(15);
+            let mut held: Option<Measured> = None;
+            let mut rate = args.step;
+            loop {
+                let label = format!("max{}", rate as u64);
+                let m = run_mqtt_load(
+                    &gateway,
+                    &broker,
+                    &arc,
+                    &[(&label, rate, mix(0.01, 0.09, 0.6, 0.3))],
+                    Duration::from_secs(secs),
+                    args.seed,
+                )
+                .await?;
+                let ok = m.lost == 0 && m.p99_ms <= 1000.0 && m.delivered == m.sent;
+                eprintln!(
+                    "load-step: offered={rate:.0}/s achieved={:.0}/s sent={} delivered={} lost={} p99_ms={:.1} cpu_pct={:.0} {}",
+                    m.achieved, m.sent, m.delivered, m.lost, m.p99_ms, m.cpu_pct,
+                    if ok { "held" } else { "did not hold" }
+                );
+                if !ok {
+                    break;
+                }
+                held = Some(m);
+                rate += args.step;
+            }
+            match held {
+                Some(m) => {
+                    print_line("max", args, &broker, raw, &m);
+                    Ok(())
+                }
+                None => Err("not even the first step held".into()),
+            }
+        }
+        other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
+    };
+    gateway.stop().await;
+    arc.shutdown().await;
+    result
+}
+
+/// 8 `telecare-line` ports at 115,200 baud at full line rate.
+async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    const PORTS: usize = 8;
+    const BAUD: u32 = 115_200;
+    let links = tempfile::tempdir()?;
+    let mut sims = Vec::new();
+    let mut sources = String::new();
+    for i in 0..PORTS {
+        let link = links.path().join(format!("hub{i}"));
+        sims.push(
+            SerialSim::start(SerialSimConfig {
+                format: LineFormat::TelecareLine,
+                link: link.clone(),
+                rate: 0.0,
+                count: None,
+                baud: BAUD,
+                window: 16,
+                accounts: 200,
+                seed: args.seed + i as u64,
+                ..SerialSimConfig::default()
+            })
+            .await?,
+        );
+        sources.push_str(&format!(
+            "[[serial]]\nid = \"hub{i}\"\npath = \"{}\"\nformat = \"telecare-line\"\nbaud = {BAUD}\ntenant = \"load-serial\"\n\n",
+            link.display()
+        ));
+    }
+    let arc = ArcSim::start(ArcConfig::new("load-secret", "load-token")).await?;
+    let gateway = Gateway::start(args, &sources, &arc).await?;
+    let secs = args.duration_s.unwrap_or(15);
+    let cpu0 = gateway.cpu_s();
+    let t0 = Instant::now();
+    let acked0: u64 = sims.iter().map(|s| s.stats().acked).sum();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let acked1: u64 = sims.iter().map(|s| s.stats().acked).sum();
+    let window = t0.elapsed().as_secs_f64();
+    let cpu = (gateway.cpu_s() - cpu0) / window * 100.0;
+    for sim in &sims {
+        sim.stop_offering();
+    }
+    let deadline = Instant::now() + DRAIN;
+    for sim in &sims {
+        sim.drain(deadline.saturating_duration_since(Instant::now()))
+            .await;
+    }
+    let sent = || {
+        sims.iter()
+            .flat_map(|s| s.records())
+            .map(|r| Sent {
+                first_sent: DateTime::<Utc>::from(r.first_sent),
+                critical: r.critical,
+                alarm_id: r.alarm_id,
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_delivered(&arc, sent, deadline).await;
+    let line_rate = (acked1 - acked0) as f64 / window;
+    let mut m = measure(&sent(), &arc, line_rate);
+    m.cpu_pct = cpu;
+    m.rss_mb = gateway.peak_rss_mb();
+    let store = if args.store_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    println!(
+        "load: scenario=serial store={store} ports={PORTS} baud={BAUD} offered={:.0}/s achieved={:.0}/s sent={} \
+         delivered={} lost={} p50_ms={:.1} p99_ms={:.1} crit_p99_ms={:.1} cpu_pct={:.0} rss_mb={:.0}",
+        m.offered, m.achieved, m.sent, m.delivered, m.lost, m.p50_ms, m.p99_ms, m.crit_p99_ms, m.cpu_pct, m.rss_mb
+    );
+    for sim in sims {
+        sim.stop().await;
+    }
+    gateway.stop().await;
+    arc.shutdown().await;
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("load: cannot start a runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        if args.scenario == "serial" {
+            run_serial_scenario(&args).await
+        } else {
+            run_mqtt_scenario(&args).await
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("load: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
