@@ -1,5 +1,6 @@
 //! The pure hot paths, per core: MQTT JSON payload parsing, normalisation
-//! into an alarm, and SLA computation over 100,000 alarms.
+//! into an alarm, de-duplication within a batch, and SLA computation over
+//! 100,000 alarms.
 //!
 //! `cargo bench --bench pure`
 
@@ -7,7 +8,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use std::collections::HashMap;
+
 use telegate::config::{AnswerTarget, ContractConfig, FailoverAfter};
+use telegate::model::DedupeKey;
 use telegate::sla::{self, SlaRow};
 use telegate::source::mqtt::payload::{normalise, parse_alarm, parse_topic};
 use telegate::taxonomy::CodeTable;
@@ -93,5 +97,44 @@ fn bench_sla(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_mqtt, bench_sla);
+/// De-duplication as the store does it within a batch: each alarm's key is
+/// built and checked against the keys already seen (the batch's and those the
+/// store returned), here a full batch of 512 with one in ten a re-send.
+fn bench_dedupe(c: &mut Criterion) {
+    let ts: DateTime<Utc> = "2026-11-22T10:15:30.123Z".parse().expect("time");
+    let signals: Vec<(String, u64)> = (0..512u64)
+        .map(|i| {
+            let device = if i % 10 == 9 { i - 1 } else { i };
+            (format!("unit-{device:05}"), device)
+        })
+        .collect();
+    let mut group = c.benchmark_group("dedupe");
+    group.throughput(Throughput::Elements(signals.len() as u64));
+    group.bench_function("batch_of_512", |b| {
+        b.iter(|| {
+            let mut seen: HashMap<String, u64> = HashMap::with_capacity(signals.len());
+            let mut duplicates = 0u32;
+            for (device, seq) in black_box(&signals) {
+                let key = DedupeKey::for_device_signal(
+                    "derbyshire",
+                    device,
+                    *seq,
+                    "1101",
+                    false,
+                    Some(ts),
+                );
+                match seen.entry(key.as_str().to_owned()) {
+                    std::collections::hash_map::Entry::Occupied(_) => duplicates += 1,
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        v.insert(*seq);
+                    }
+                }
+            }
+            black_box(duplicates)
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_mqtt, bench_dedupe, bench_sla);
 criterion_main!(benches);
