@@ -85,7 +85,10 @@ fn broker_config(addr: SocketAddr) -> Config {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
-            max_segment_size: 104_857_600,
+            // Each filter's log holds at most 10 segments of 4 MiB (about
+            // 200,000 alarms of 200 bytes, half a minute at full load)
+            // before the oldest is dropped; larger segments only cost memory.
+            max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 10,
             custom_segment: None,
             initialized_filters: None,
