@@ -13,6 +13,11 @@ use firmware_sim::arc::{Accepted, ArcConfig, ArcSim};
 use firmware_sim::serial::{LineFormat, PtyLink, SerialSim, SerialSimConfig};
 use serde_json::Value;
 
+/// The kernel reuses a closed pseudo-terminal's number for the next one
+/// created, so a gateway reopening its port after an unplug could open
+/// another test's new port: the tests that make ports run one at a time.
+static PTYS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 const ACK: u8 = 0x06;
 const NAK: u8 = 0x15;
 
@@ -110,6 +115,7 @@ async fn exchange(link: &mut PtyLink, line: &[u8]) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receiver_lines_are_acknowledged_once_stored_and_delivered() {
+    let _ports = PTYS.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("rx1");
     let mut link = PtyLink::create(&path).expect("pty");
@@ -199,6 +205,7 @@ async fn receiver_lines_are_acknowledged_once_stored_and_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resent_line_is_acknowledged_again_and_delivered_once() {
+    let _ports = PTYS.lock().await;
     let (_dir, _, mut link, rig) = one_port("rx1", "surgard", "").await;
 
     let line = b"5011 185555E11101002\x14";
@@ -237,6 +244,7 @@ async fn a_resent_line_is_acknowledged_again_and_delivered_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_contact_id_checksums_are_verified() {
+    let _ports = PTYS.lock().await;
     let (_dir, _, mut link, rig) = one_port("dialler", "contact-id", "").await;
 
     assert_eq!(
@@ -267,6 +275,7 @@ async fn raw_contact_id_checksums_are_verified() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn telecare_units_get_their_alarm_id_back_and_the_same_id_for_a_resend() {
+    let _ports = PTYS.lock().await;
     let (_dir, _, mut link, rig) = one_port("hub", "telecare-line", "").await;
 
     let line = b"ALARM unit-7 41 fall zone=2 battery=64 ts=2026-11-22T10:15:30.123Z\n";
@@ -326,6 +335,7 @@ fn assert_each_line_delivered_once(sim_lines: &[firmware_sim::serial::SentLine],
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_bursts_and_an_unplugged_port_lose_nothing() {
+    let _ports = PTYS.lock().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("rx-sim");
     let sim = SerialSim::start(SerialSimConfig {
@@ -376,6 +386,7 @@ async fn garbage_bursts_and_an_unplugged_port_lose_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_port_down_too_long_raises_comms_fail_and_its_restore() {
+    let _ports = PTYS.lock().await;
     let (_dir, path, mut link, rig) = one_port("rx2", "surgard", "comms_fail_after_s = 1").await;
     assert_eq!(
         exchange(&mut link, b"5011 181234E10101003\x14").await,
