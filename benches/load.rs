@@ -92,7 +92,7 @@ impl Broker {
 struct Gateway {
     child: std::process::Child,
     api: String,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     database: Option<PgDatabase>,
 }
 
@@ -133,7 +133,7 @@ impl Gateway {
         let gateway = Gateway {
             child,
             api: format!("http://127.0.0.1:{api_port}"),
-            _dir: dir,
+            dir,
             database,
         };
         gateway.wait_ready().await?;
@@ -155,7 +155,7 @@ impl Gateway {
     }
 
     fn log(&self) -> PathBuf {
-        self._dir.path().join("gateway.log")
+        self.dir.path().join("gateway.log")
     }
 
     /// CPU seconds used so far (user + system).
@@ -201,14 +201,18 @@ impl Gateway {
     }
 }
 
+/// Clock ticks per second, asked once.
 fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// What one run measured.
@@ -302,10 +306,10 @@ fn fleet_sent(fleet: &Fleet) -> Vec<Sent> {
 
 /// Waits until the ARC holds every alarm the gateway acknowledged, at most
 /// until `deadline`.
-async fn wait_delivered(arc: &ArcSim, sent: impl Fn() -> Vec<Sent>, deadline: Instant) {
+async fn wait_delivered(arc: &ArcSim, sent: &[Sent], deadline: Instant) {
     loop {
         let accepted = arc.accepted_ids();
-        let missing = sent()
+        let missing = sent
             .iter()
             .filter(|s| s.alarm_id.as_ref().is_some_and(|id| !accepted.contains(id)))
             .count();
@@ -449,11 +453,11 @@ async fn run_mqtt_load(
             .drain(deadline.saturating_duration_since(Instant::now()))
             .await;
     }
-    let sent = || started.iter().flat_map(fleet_sent).collect::<Vec<_>>();
-    wait_delivered(arc, sent, deadline).await;
+    let sent: Vec<Sent> = started.iter().flat_map(fleet_sent).collect();
+    wait_delivered(arc, &sent, deadline).await;
     let cpu = (gateway.cpu_s() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let offered = fleets.iter().map(|f| f.1).sum();
-    let mut m = measure(&sent(), arc, offered);
+    let mut m = measure(&sent, arc, offered);
     m.cpu_pct = cpu;
     m.rss_mb = gateway.peak_rss_mb();
     for fleet in started {
@@ -650,19 +654,18 @@ async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Erro
         sim.drain(deadline.saturating_duration_since(Instant::now()))
             .await;
     }
-    let sent = || {
-        sims.iter()
-            .flat_map(|s| s.records())
-            .map(|r| Sent {
-                first_sent: DateTime::<Utc>::from(r.first_sent),
-                critical: r.critical,
-                alarm_id: r.alarm_id,
-            })
-            .collect::<Vec<_>>()
-    };
-    wait_delivered(&arc, sent, deadline).await;
+    let sent: Vec<Sent> = sims
+        .iter()
+        .flat_map(|s| s.records())
+        .map(|r| Sent {
+            first_sent: DateTime::<Utc>::from(r.first_sent),
+            critical: r.critical,
+            alarm_id: r.alarm_id,
+        })
+        .collect();
+    wait_delivered(&arc, &sent, deadline).await;
     let line_rate = (acked1 - acked0) as f64 / window;
-    let mut m = measure(&sent(), &arc, line_rate);
+    let mut m = measure(&sent, &arc, line_rate);
     m.cpu_pct = cpu;
     m.rss_mb = gateway.peak_rss_mb();
     let store = if args.store_url.is_some() {

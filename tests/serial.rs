@@ -91,6 +91,16 @@ impl Rig {
         self.arc.accepted().iter().filter(|a| what(&a.body)).count()
     }
 
+    /// The newest quarantine rows, newest first.
+    async fn quarantine(&self) -> Vec<telegate::store::QuarantineRow> {
+        self.h
+            .gateway
+            .store
+            .quarantine(10)
+            .await
+            .expect("quarantine")
+    }
+
     async fn stop(self) {
         self.h.stop().await;
         self.arc.shutdown().await;
@@ -187,13 +197,7 @@ async fn receiver_lines_are_acknowledged_once_stored_and_delivered() {
         exchange(&mut link, b"5011 181234X10101003\x14").await,
         [NAK]
     );
-    let q = rig
-        .h
-        .gateway
-        .store
-        .quarantine(10)
-        .await
-        .expect("quarantine");
+    let q = rig.quarantine().await;
     let row = q
         .iter()
         .find(|r| r.entry.raw == b"5011 181234X10101003")
@@ -258,13 +262,7 @@ async fn raw_contact_id_checksums_are_verified() {
         exchange(&mut link, b"1234 18 1101 01 002 B\r\n").await,
         [NAK]
     );
-    let q = rig
-        .h
-        .gateway
-        .store
-        .quarantine(10)
-        .await
-        .expect("quarantine");
+    let q = rig.quarantine().await;
     assert_eq!(q[0].entry.reason, "bad_checksum");
     assert_eq!(q[0].entry.device_id.as_deref(), Some("1234"));
     // The device that sent it gets one device_fault for a person to look at.

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use firmware_sim::serial::lines::{ACK, DC4, NAK};
@@ -13,32 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A directory of its own under the system's temporary directory, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "firmware-sim-serial-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-
-    fn join(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The other side of the port: opens the symlink as the gateway would and reads lines.
 struct Peer {
@@ -110,8 +83,8 @@ fn config(format: LineFormat, link: PathBuf, count: u64) -> SerialSimConfig {
 
 #[tokio::test]
 async fn pty_link_carries_bytes_both_ways_without_echo() {
-    let dir = TempDir::new();
-    let link_path = dir.join("port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link_path = dir.path().join("port");
     std::fs::write(&link_path, "a plain file is replaced").unwrap();
     let mut link = PtyLink::create(&link_path).unwrap();
     assert_eq!(link.link(), link_path);
@@ -171,8 +144,8 @@ async fn pty_link_carries_bytes_both_ways_without_echo() {
 
 #[tokio::test]
 async fn closing_the_link_ends_the_peers_reads() {
-    let dir = TempDir::new();
-    let link_path = dir.join("port");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link_path = dir.path().join("port");
     let link = PtyLink::create(&link_path).unwrap();
     let mut peer = tokio_serial::new(link_path.to_string_lossy(), 9_600)
         .open_native_async()
@@ -194,8 +167,8 @@ async fn closing_the_link_ends_the_peers_reads() {
 
 #[tokio::test]
 async fn surgard_lines_acknowledged_at_once_are_all_settled() {
-    let dir = TempDir::new();
-    let link = dir.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let sim = SerialSim::start(config(LineFormat::Surgard, link.clone(), 20))
         .await
         .unwrap();
@@ -256,8 +229,8 @@ async fn surgard_lines_acknowledged_at_once_are_all_settled() {
 
 #[tokio::test]
 async fn a_nak_makes_the_line_go_again_at_once() {
-    let dir = TempDir::new();
-    let link = dir.join("cid");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("cid");
     let sim = SerialSim::start(config(LineFormat::ContactId, link.clone(), 2))
         .await
         .unwrap();
@@ -301,8 +274,8 @@ async fn a_nak_makes_the_line_go_again_at_once() {
 
 #[tokio::test]
 async fn silence_makes_the_line_go_again_after_the_timeout() {
-    let dir = TempDir::new();
-    let link = dir.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let sim = SerialSim::start(SerialSimConfig {
         ack_timeout: Duration::from_millis(200),
         ..config(LineFormat::Surgard, link.clone(), 1)
@@ -323,8 +296,8 @@ async fn silence_makes_the_line_go_again_after_the_timeout() {
 
 #[tokio::test]
 async fn garbled_lines_are_refused_and_sent_again_clean() {
-    let dir = TempDir::new();
-    let link = dir.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let sim = SerialSim::start(SerialSimConfig {
         garbage_share: 1.0,
         ..config(LineFormat::Surgard, link.clone(), 5)
@@ -363,8 +336,8 @@ async fn garbled_lines_are_refused_and_sent_again_clean() {
 
 #[tokio::test]
 async fn surgard_heartbeats_are_written_and_counted() {
-    let dir = TempDir::new();
-    let link = dir.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let sim = SerialSim::start(SerialSimConfig {
         heartbeat: Some(Duration::from_millis(50)),
         ..config(LineFormat::Surgard, link.clone(), 0)
@@ -392,8 +365,8 @@ async fn surgard_heartbeats_are_written_and_counted() {
 
 #[tokio::test]
 async fn unplugged_lines_wait_and_go_again_on_the_new_port() {
-    let dir = TempDir::new();
-    let link = dir.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let sim = SerialSim::start(config(LineFormat::Surgard, link.clone(), 3))
         .await
         .unwrap();
@@ -437,8 +410,8 @@ async fn unplugged_lines_wait_and_go_again_on_the_new_port() {
 
 #[tokio::test]
 async fn telecare_answers_are_matched_by_unit_and_seq() {
-    let dir = TempDir::new();
-    let link = dir.join("units");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("units");
     let sim = SerialSim::start(SerialSimConfig {
         window: 4,
         accounts: 3,
@@ -518,8 +491,8 @@ async fn telecare_answers_are_matched_by_unit_and_seq() {
 async fn writes_keep_to_the_baud_rate_and_new_lines_to_the_rate() {
     // 200 bytes a second: five 21-byte lines take at least (105 - 20) / 200 s, the first 20 bytes going
     // out at once.
-    let dir = TempDir::new();
-    let link = dir.join("slow");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("slow");
     let started = std::time::Instant::now();
     let sim = SerialSim::start(SerialSimConfig {
         baud: 2_000,
@@ -543,7 +516,7 @@ async fn writes_keep_to_the_baud_rate_and_new_lines_to_the_rate() {
     gateway.await.unwrap();
 
     // 20 new lines a second: ten take at least 9 / 20 s.
-    let link = dir.join("paced");
+    let link = dir.path().join("paced");
     let started = std::time::Instant::now();
     let sim = SerialSim::start(SerialSimConfig {
         rate: 20.0,

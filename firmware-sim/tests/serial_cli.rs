@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -13,28 +12,6 @@ use tokio_serial::SerialPortBuilderExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_firmware-sim");
 const WAIT: Duration = Duration::from_secs(30);
-
-/// A directory of its own under the system's temporary directory, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "firmware-sim-serial-cli-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).unwrap();
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Kills the child if the test fails before it exits.
 struct Running(Option<Child>);
@@ -139,8 +116,8 @@ fn last_line(stdout: &[u8]) -> String {
 
 #[tokio::test]
 async fn a_counted_run_ends_when_every_line_is_acknowledged() {
-    let dir = TempDir::new();
-    let link = dir.0.join("cid");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("cid");
     let link_arg = link.to_string_lossy().into_owned();
     let (mut running, _stderr) = start(&[
         "--format",
@@ -168,8 +145,8 @@ async fn a_counted_run_ends_when_every_line_is_acknowledged() {
 
 #[tokio::test]
 async fn sigterm_drains_and_prints_the_counters_across_unplugs() {
-    let dir = TempDir::new();
-    let link = dir.0.join("receiver");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let link = dir.path().join("receiver");
     let link_arg = link.to_string_lossy().into_owned();
     let (mut running, stderr) = start(&[
         "--link",
