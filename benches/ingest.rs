@@ -148,7 +148,7 @@ fn start_ingest(
         Arc::clone(router),
         telegate::clock::system(),
         Arc::new(Metrics::default()),
-        Arc::new(tokio::sync::Notify::new()),
+        None,
     );
     rt.spawn(writer.run());
     ingest

@@ -65,6 +65,10 @@ struct Args {
     /// Seeds the simulators.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Keeps the gateway's folder (configuration, log, SQLite database) and prints where it is, for a
+    /// look at the stage times of every alarm afterwards.
+    #[arg(long)]
+    keep: bool,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -188,7 +192,7 @@ impl Gateway {
             .map_or(0.0, |kb| kb / 1024.0)
     }
 
-    async fn stop(mut self) {
+    async fn stop(mut self, keep: bool) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -197,6 +201,9 @@ impl Gateway {
         let _ = tokio::task::spawn_blocking(move || child.wait()).await;
         if let Some(db) = database {
             db.drop_now().await;
+        }
+        if keep {
+            println!("load: kept {}", self.dir.keep().display());
         }
     }
 }
@@ -603,7 +610,7 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
         }
         other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
     };
-    gateway.stop().await;
+    gateway.stop(args.keep).await;
     arc.shutdown().await;
     result
 }
@@ -681,7 +688,7 @@ async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Erro
     for sim in sims {
         sim.stop().await;
     }
-    gateway.stop().await;
+    gateway.stop(args.keep).await;
     arc.shutdown().await;
     Ok(())
 }

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -14,7 +13,7 @@ use crate::api::{self, ApiState};
 use crate::broker::{BrokerError, EmbeddedBroker};
 use crate::clock::SharedClock;
 use crate::config::Config;
-use crate::deliver::{BuildError, Dispatcher};
+use crate::deliver::{self, BuildError, Dispatcher};
 use crate::ingest::{self, Ingest};
 use crate::metrics::Metrics;
 use crate::route::Router;
@@ -98,25 +97,27 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
 
     // ingest → route: one group-commit writer behind a bounded queue; each
     // new alarm is routed and queued for delivery in the same transaction.
-    let committed = Arc::new(Notify::new());
+    // New alarms go straight to delivery once committed, already claimed.
+    let (handoff, handed) = deliver::handoff(&config.deliver);
     let (ingest, writer) = ingest::channel(
         store.clone(),
         config.ingest.clone(),
         Arc::new(Router::new(&config)),
         clock.clone(),
         metrics.clone(),
-        committed.clone(),
+        Some(handoff),
     );
     let writer = tokio::spawn(writer.run());
 
-    // deliver: claims due outbox rows, woken by each commit.
+    // deliver: what ingest hands over, and due outbox rows (retries, rows
+    // stored beyond the hand-off's room, a crashed instance's claims).
     let cancel_delivery = CancellationToken::new();
     let dispatcher = Dispatcher::new(
         &config,
         store.clone(),
         clock.clone(),
         metrics.clone(),
-        committed,
+        handed,
     )?;
     let dispatcher = tokio::spawn(dispatcher.run(cancel_delivery.clone()));
 

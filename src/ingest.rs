@@ -22,13 +22,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::SharedClock;
 use crate::config::IngestConfig;
+use crate::deliver::plan::Plan;
+use crate::deliver::{Claimed, Handoff};
 use crate::events;
 use crate::metrics::Metrics;
-use crate::model::{AlarmId, NewAlarm};
+use crate::model::{from_millis, to_millis, AlarmId, NewAlarm};
 use crate::route::Router;
 use crate::store::{AlarmOutcome, Batch, BatchAlarm, QuarantineEntry, Store};
 
@@ -146,19 +148,19 @@ pub struct Writer {
     router: Arc<Router>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    /// Rung after each commit so that delivery starts at once.
-    committed: Arc<Notify>,
+    /// Where new alarms go for delivery once committed; `None` when nothing
+    /// delivers in this process (rows then wait in the outbox).
+    handoff: Option<Handoff>,
 }
 
 /// Creates the ingest handle and its writer; spawn [`Writer::run`].
-/// `committed` is notified after every commit.
 pub fn channel(
     store: Store,
     config: IngestConfig,
     router: Arc<Router>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    committed: Arc<Notify>,
+    handoff: Option<Handoff>,
 ) -> (Ingest, Writer) {
     let (tx, rx) = mpsc::channel(config.queue.max(1));
     (
@@ -170,7 +172,7 @@ pub fn channel(
             router,
             clock,
             metrics,
-            committed,
+            handoff,
         },
     )
 }
@@ -221,6 +223,7 @@ impl Writer {
                         id: AlarmId::new_v7(),
                         alarm,
                         route,
+                        leased: false,
                     });
                     alarm_replies.push(reply);
                 }
@@ -230,26 +233,45 @@ impl Writer {
                 }
             }
         }
+        let granted = self.claim_for_handoff(&mut batch, now);
         let since = dedupe_since(now, self.config.dedupe_window);
         match self.store.commit_batch(&batch, now, since).await {
             Ok(outcomes) => {
                 Metrics::inc(&self.metrics.store_commits);
                 Metrics::add(&self.metrics.quarantined, batch.quarantine.len() as u64);
-                self.committed.notify_one();
-                for ((b, outcome), reply) in batch.alarms.iter().zip(outcomes).zip(alarm_replies) {
-                    let alarm = &b.alarm;
+                let mut handed = Vec::with_capacity(granted);
+                let mut unclaimed = false;
+                for ((b, outcome), reply) in
+                    batch.alarms.into_iter().zip(outcomes).zip(alarm_replies)
+                {
                     let answer = match outcome {
                         AlarmOutcome::Stored(id) => {
                             events::AlarmStored {
                                 id,
-                                alarm,
+                                alarm: &b.alarm,
                                 stored_at: now,
                             }
                             .emit(&self.metrics);
+                            if b.leased {
+                                if let Some(lease) = &batch.lease {
+                                    handed.push(Claimed {
+                                        plan: Plan::first(&b.route, from_millis(to_millis(now))),
+                                        contract_id: b.route.contract_id,
+                                        alarm: b.alarm.into_stored(id, now),
+                                        lease_until: lease.until,
+                                    });
+                                }
+                            } else {
+                                unclaimed = true;
+                            }
                             IngestOutcome::Accepted(id)
                         }
                         AlarmOutcome::Duplicate(id) => {
-                            events::DuplicateReceived { id, alarm }.emit(&self.metrics);
+                            events::DuplicateReceived {
+                                id,
+                                alarm: &b.alarm,
+                            }
+                            .emit(&self.metrics);
                             IngestOutcome::Duplicate(id)
                         }
                     };
@@ -258,8 +280,20 @@ impl Writer {
                 for reply in quarantine_replies {
                     let _ = reply.send(Ok(()));
                 }
+                if let Some(handoff) = &self.handoff {
+                    handoff.give_back(granted - handed.len());
+                    // Most urgent first, as the outbox is claimed.
+                    handed.sort_by_key(|c| c.alarm.priority.number());
+                    handoff.hand(handed);
+                    if unclaimed {
+                        handoff.wake();
+                    }
+                }
             }
             Err(err) => {
+                if let Some(handoff) = &self.handoff {
+                    handoff.give_back(granted);
+                }
                 Metrics::inc(&self.metrics.store_commit_failures);
                 let message = err.to_string();
                 tracing::error!(
@@ -276,6 +310,27 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Marks as many alarms of the batch as the hand-off has room for, most
+    /// urgent first, to be stored claimed by this instance; returns how many.
+    fn claim_for_handoff(&self, batch: &mut Batch, now: DateTime<Utc>) -> usize {
+        let Some(handoff) = &self.handoff else {
+            return 0;
+        };
+        let granted = handoff.take(batch.alarms.len());
+        if granted == 0 {
+            return 0;
+        }
+        let mut order: Vec<usize> = (0..batch.alarms.len()).collect();
+        if granted < order.len() {
+            order.sort_by_key(|&i| batch.alarms[i].alarm.priority().number());
+        }
+        for &i in order.iter().take(granted) {
+            batch.alarms[i].leased = true;
+        }
+        batch.lease = Some(handoff.lease(now));
+        granted
     }
 }
 

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub deliveries_accepted: AtomicU64,
     /// Attempts that failed (retried, failed over or dead-lettered).
     pub deliveries_failed: AtomicU64,
+    /// Claimed rows left undelivered because their lease ran short while
+    /// they waited for a delivery slot (they are claimed again).
+    pub claims_lapsed: AtomicU64,
     /// Alarms handed to the next provider in their chain.
     pub failovers: AtomicU64,
     /// Alarms whose every deadline passed without acceptance.
@@ -89,7 +92,7 @@ impl Metrics {
     /// The counters in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let plain: [(&str, &str, &AtomicU64); 22] = [
+        let plain: [(&str, &str, &AtomicU64); 23] = [
             (
                 "telegate_mqtt_messages_total",
                 "MQTT PUBLISH packets received",
@@ -154,6 +157,11 @@ impl Metrics {
                 "telegate_deliveries_failed_total",
                 "delivery attempts that failed",
                 &self.deliveries_failed,
+            ),
+            (
+                "telegate_claims_lapsed_total",
+                "claimed outbox rows whose lease ran short before a delivery slot came free",
+                &self.claims_lapsed,
             ),
             (
                 "telegate_failovers_total",

@@ -228,6 +228,28 @@ impl NewAlarm {
     pub fn priority(&self) -> Priority {
         self.class.priority()
     }
+
+    /// The alarm as stored under `id` at `stored_at`: exactly what reading
+    /// the row back gives (times kept to the millisecond).
+    pub fn into_stored(self, id: AlarmId, stored_at: DateTime<Utc>) -> Alarm {
+        let ms = |t: DateTime<Utc>| from_millis(to_millis(t));
+        Alarm {
+            id,
+            priority: self.priority(),
+            tenant: self.tenant,
+            device_id: self.device_id,
+            account: self.account,
+            seq: self.seq,
+            class: self.class,
+            restore: self.restore,
+            raised_at: self.raised_at.map(ms),
+            received_at: ms(self.received_at),
+            stored_at: ms(stored_at),
+            source: self.source,
+            details: self.details,
+            raw: self.raw,
+        }
+    }
 }
 
 /// The identity of a signal for de-duplication. Two signals with equal keys

@@ -105,6 +105,14 @@ const INVALID: &[(&str, &[(&str, &str)])] = &[
         ],
     ),
     (
+        "lease-too-short.toml",
+        &[(
+            "provider[0].timeout_s",
+            "10 s is not shorter than deliver.lease_s (10 s): an attempt could outlast its claim \
+             and the alarm be delivered twice",
+        )],
+    ),
+    (
         "syntax-error.toml",
         &[("line 4, column 49", "invalid basic string")],
     ),

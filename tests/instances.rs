@@ -60,7 +60,7 @@ id = "north"
 url = "{arc_url}"
 secret = "two-secret"
 token = "two-token"
-timeout_s = 10
+timeout_s = 2
 [[contract]]
 id = "TWO"
 provider = "north"

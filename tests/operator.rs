@@ -195,9 +195,11 @@ async fn retention_prunes_closed_alarms_only() {
                 id: *id,
                 alarm: alarm(i as u64, if i < 4 { old } else { Utc::now() }),
                 route: route.clone(),
+                leased: false,
             })
             .collect(),
         quarantine: vec![],
+        lease: None,
     };
     store.commit_batch(&batch, old, old).await.unwrap();
     // Three old alarms were delivered; one old alarm never was; one is recent.

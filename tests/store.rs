@@ -12,7 +12,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeZone, Utc};
 use common::{stores, PgDatabase, StoreChoice};
 use telegate::config::StoreUrl;
-use telegate::deliver::plan::Decision;
+use telegate::deliver::plan::{Decision, Plan};
 use telegate::deliver::{AttemptRecord, Claimed};
 use telegate::model::{
     AlarmClass, AlarmDetails, AlarmId, DedupeKey, NewAlarm, SourceKind, SourceRef,
@@ -20,7 +20,7 @@ use telegate::model::{
 use telegate::route::Route;
 use telegate::sla::SlaRow;
 use telegate::store::{
-    AlarmOutcome, Batch, BatchAlarm, ProgressReport, ProgressResult, ProgressState,
+    AlarmOutcome, Batch, BatchAlarm, Lease, ProgressReport, ProgressResult, ProgressState,
     QuarantineEntry, Store,
 };
 
@@ -107,9 +107,11 @@ fn batch_of(alarms: Vec<NewAlarm>) -> Batch {
                 id: AlarmId::new_v7(),
                 alarm,
                 route: route(Some("C-1")),
+                leased: false,
             })
             .collect(),
         quarantine: Vec::new(),
+        lease: None,
     }
 }
 
@@ -240,6 +242,7 @@ async fn a_batch_commits_alarms_outbox_rows_and_quarantine_rows_with_their_times
         let only_quarantine = Batch {
             alarms: Vec::new(),
             quarantine: vec![batch.quarantine[0].clone()],
+            lease: None,
         };
         let none = store
             .commit_batch(&only_quarantine, t(30), t(0))
@@ -405,6 +408,62 @@ async fn due_rows_are_claimed_most_urgent_first_and_not_again_until_the_lease_en
         assert_eq!(ids, [critical, urgent], "{}", ts.name);
         let row = store.outbox_row(urgent).await.unwrap().unwrap();
         assert_eq!(row.lease_owner.as_deref(), Some("c"));
+        ts.close().await;
+    }
+}
+
+/// Rows stored already claimed (the hand-off from ingest to delivery) are
+/// claimed by nobody else until the lease runs out, and then read back
+/// exactly as the writer handed them over.
+#[tokio::test]
+async fn rows_stored_with_a_lease_stay_with_their_owner_until_it_runs_out() {
+    for choice in stores() {
+        let ts = TestStore::open(&choice).await;
+        let store = &ts.store;
+        let fall = signal("d1", 1, AlarmClass::Fall, t(0));
+        let mut batch = batch_of(vec![fall.clone(), signal("d2", 1, AlarmClass::Test, t(1))]);
+        batch.alarms[0].leased = true;
+        batch.lease = Some(Lease {
+            owner: "gw-1".into(),
+            until: t(30_000),
+        });
+        let stored_at = t(5);
+        let ids: Vec<AlarmId> = store
+            .commit_batch(&batch, stored_at, t(-600_000))
+            .await
+            .expect("batch commits")
+            .into_iter()
+            .map(AlarmOutcome::alarm_id)
+            .collect();
+
+        let leased = store.outbox_row(ids[0]).await.unwrap().unwrap();
+        assert_eq!(leased.lease_owner.as_deref(), Some("gw-1"), "{}", ts.name);
+        assert_eq!(leased.lease_until, Some(t(30_000)));
+        let free = store.outbox_row(ids[1]).await.unwrap().unwrap();
+        assert_eq!((free.lease_owner, free.lease_until), (None, None));
+
+        let other = store
+            .claim_due("gw-2", t(100), t(60_000), 10)
+            .await
+            .unwrap();
+        let claimed: Vec<AlarmId> = other.iter().map(|c| c.alarm.id).collect();
+        assert_eq!(claimed, [ids[1]], "{}: only the unleased row", ts.name);
+
+        let after = store
+            .claim_due("gw-2", t(30_000), t(60_000), 10)
+            .await
+            .unwrap();
+        assert_eq!(after.len(), 1, "{}: the lease ran out", ts.name);
+        let row = &after[0];
+        assert_eq!(
+            row.alarm,
+            fall.into_stored(ids[0], stored_at),
+            "{}",
+            ts.name
+        );
+        assert_eq!(row.plan, Plan::first(&route(Some("C-1")), stored_at));
+        assert_eq!(row.contract_id.as_deref(), Some("C-1"));
+        assert_eq!(row.lease_until, t(60_000));
         ts.close().await;
     }
 }

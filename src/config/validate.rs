@@ -132,6 +132,9 @@ impl<'a> Checker<'a> {
         self.no_overlaps(&scopes);
 
         let routing = self.routing(raw.routing.and_then(|r| r.default_provider), &defined);
+        if let Some(deliver) = &deliver {
+            self.lease_outlasts_attempts(deliver, &providers);
+        }
 
         Some(Config {
             store: store?,
@@ -370,6 +373,28 @@ impl<'a> Checker<'a> {
             max_in_flight: usize::try_from(max_in_flight?).ok()?,
             claim_batch: usize::try_from(claim_batch?).ok()?,
         })
+    }
+
+    /// A delivery attempt must end while its claim holds, or a second
+    /// claim could deliver the same alarm at the same time.
+    fn lease_outlasts_attempts(
+        &mut self,
+        deliver: &DeliverConfig,
+        providers: &[Option<ProviderConfig>],
+    ) {
+        for (i, p) in providers.iter().enumerate() {
+            if let Some(p) = p.as_ref().filter(|p| p.timeout >= deliver.lease) {
+                self.report(
+                    &format!("provider[{i}].timeout_s"),
+                    format!(
+                        "{} s is not shorter than deliver.lease_s ({} s): an attempt could outlast \
+                         its claim and the alarm be delivered twice",
+                        p.timeout.as_secs(),
+                        deliver.lease.as_secs()
+                    ),
+                );
+            }
+        }
     }
 
     fn mqtt(&mut self, at: &str, raw: RawMqtt) -> Option<MqttConfig> {

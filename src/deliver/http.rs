@@ -27,9 +27,16 @@ pub struct HttpProvider {
     /// The HMAC key; never logged.
     secret: Vec<u8>,
     client: reqwest::Client,
+    /// The limit of one attempt.
+    timeout: Duration,
 }
 
 impl HttpProvider {
+    /// The limit of one attempt.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Builds the adapter for one `[[provider]]`.
     ///
     /// # Errors
@@ -47,6 +54,7 @@ impl HttpProvider {
             url: config.url.clone(),
             secret: config.secret.expose().as_bytes().to_vec(),
             client,
+            timeout: config.timeout,
         })
     }
 

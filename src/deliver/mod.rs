@@ -39,7 +39,7 @@ use crate::config::{Config, DeliverConfig, ProviderKind};
 use crate::events;
 use crate::metrics::Metrics;
 use crate::model::{Alarm, AlarmId, Priority};
-use crate::store::Store;
+use crate::store::{Lease, Store};
 
 /// One delivery of one alarm to one provider.
 #[derive(Debug, Clone)]
@@ -118,6 +118,13 @@ pub enum Provider {
 }
 
 impl Provider {
+    /// The limit of one attempt.
+    pub fn timeout(&self) -> Duration {
+        match self {
+            Provider::Http(p) => p.timeout(),
+        }
+    }
+
     /// # Errors
     /// As the adapter's `deliver`.
     pub async fn deliver(
@@ -137,6 +144,109 @@ pub struct Claimed {
     pub alarm: Alarm,
     pub contract_id: Option<String>,
     pub plan: Plan,
+    /// When the claim runs out and another claim may take the row.
+    pub lease_until: DateTime<Utc>,
+}
+
+/// The sending half of the hand-off from ingest to delivery.
+///
+/// The ingest writer stores the outbox rows of new alarms already claimed by
+/// this instance (a [`Lease`]) and hands them here once they commit, so
+/// nothing — no claim statement, no poll — stands between "stored" and
+/// "being delivered". Room is bounded: rows beyond it are stored unclaimed
+/// and the dispatcher claims them from the outbox as before.
+#[derive(Clone)]
+pub struct Handoff {
+    tx: mpsc::UnboundedSender<Vec<Claimed>>,
+    room: Arc<Semaphore>,
+    owner: String,
+    lease: Duration,
+    /// Rung when rows were stored unclaimed, for the dispatcher to claim.
+    wake: Arc<Notify>,
+}
+
+/// The receiving half, for [`Dispatcher::new`].
+pub struct Handed {
+    rx: mpsc::UnboundedReceiver<Vec<Claimed>>,
+    room: Arc<Semaphore>,
+    wake: Arc<Notify>,
+}
+
+/// Rows handed over at most: enough to keep every lane busy through a
+/// burst; beyond it, rows wait in the outbox.
+fn handoff_room(config: &DeliverConfig) -> usize {
+    config.claim_batch.max(1) * 8
+}
+
+/// Creates the hand-off between the ingest writer and the dispatcher.
+pub fn handoff(config: &DeliverConfig) -> (Handoff, Handed) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let room = Arc::new(Semaphore::new(handoff_room(config)));
+    let wake = Arc::new(Notify::new());
+    (
+        Handoff {
+            tx,
+            room: room.clone(),
+            owner: config.instance_id.clone(),
+            lease: config.lease,
+            wake: wake.clone(),
+        },
+        Handed { rx, room, wake },
+    )
+}
+
+impl Handoff {
+    /// The lease for rows stored at `now`.
+    pub fn lease(&self, now: DateTime<Utc>) -> Lease {
+        Lease {
+            owner: self.owner.clone(),
+            until: add(now, self.lease),
+        }
+    }
+
+    /// Takes room for up to `wanted` rows and says how many it got. Room
+    /// taken and not handed over must be given back with [`Handoff::give_back`].
+    pub fn take(&self, wanted: usize) -> usize {
+        let n = wanted.min(self.room.available_permits());
+        let n32 = u32::try_from(n).unwrap_or(u32::MAX);
+        match self.room.try_acquire_many(n32) {
+            Ok(permit) => {
+                permit.forget();
+                n32 as usize
+            }
+            Err(_) => 0,
+        }
+    }
+
+    /// Returns room taken for rows that were not handed over.
+    pub fn give_back(&self, n: usize) {
+        if n > 0 {
+            self.room.add_permits(n);
+        }
+    }
+
+    /// Hands committed, claimed rows to the dispatcher (most urgent first).
+    /// When the dispatcher has stopped the rows stay claimed in the outbox
+    /// and are claimed again once the lease runs out.
+    pub fn hand(&self, rows: Vec<Claimed>) {
+        if !rows.is_empty() && self.tx.send(rows).is_err() {
+            tracing::debug!("dispatcher stopped; handed rows wait for their lease to run out");
+        }
+    }
+
+    /// Tells the dispatcher that rows were stored unclaimed.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+}
+
+/// Gives a handed row's room back when its attempt ends.
+struct RoomGuard(Arc<Semaphore>);
+
+impl Drop for RoomGuard {
+    fn drop(&mut self) {
+        self.0.add_permits(1);
+    }
 }
 
 /// The outcome of one attempt, for the store.
@@ -186,9 +296,10 @@ pub struct Dispatcher {
     config: DeliverConfig,
     clock: SharedClock,
     metrics: Arc<Metrics>,
-    /// Rung after each ingest commit and each recorded batch, so new and
-    /// due-now work is claimed at once instead of at the next poll.
-    wake: Arc<Notify>,
+    /// Rows handed over by the ingest writer; its `wake` is rung when rows
+    /// were stored unclaimed and after a recorded batch that retries at
+    /// once, so that work is claimed without waiting for the next poll.
+    handed: Handed,
 }
 
 impl Dispatcher {
@@ -199,7 +310,7 @@ impl Dispatcher {
         store: Store,
         clock: SharedClock,
         metrics: Arc<Metrics>,
-        wake: Arc<Notify>,
+        handed: Handed,
     ) -> Result<Dispatcher, BuildError> {
         let mut providers = HashMap::new();
         let mut lanes = HashMap::new();
@@ -227,13 +338,13 @@ impl Dispatcher {
             config: config.deliver.clone(),
             clock,
             metrics,
-            wake,
+            handed,
         })
     }
 
     /// Delivers until `cancel` fires, then lets in-flight attempts finish
     /// and records them.
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(mut self, cancel: CancellationToken) {
         match self.store.release_leases(&self.config.instance_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "released this instance's earlier outbox claims"),
@@ -243,7 +354,7 @@ impl Dispatcher {
         let recorder = record_loop(
             self.store.clone(),
             results_rx,
-            self.wake.clone(),
+            self.handed.wake.clone(),
             self.metrics.clone(),
         );
         let claimer = self.claim_loop(results_tx, cancel);
@@ -251,14 +362,29 @@ impl Dispatcher {
         tracing::debug!("dispatcher stopped");
     }
 
-    async fn claim_loop(&self, results: mpsc::Sender<AttemptRecord>, cancel: CancellationToken) {
-        let mut in_flight = JoinSet::new();
+    async fn claim_loop(
+        &mut self,
+        results: mpsc::Sender<AttemptRecord>,
+        cancel: CancellationToken,
+    ) {
+        // Rows claimed from the outbox (at most `claim_batch` at a time) and
+        // rows handed over by ingest (bounded by the hand-off's room).
+        let mut claimed = JoinSet::new();
+        let mut handed = JoinSet::new();
+        let mut handed_open = true;
         let limit = self.config.claim_batch.max(1);
+        let mut poll = tokio::time::interval(self.config.poll);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let wake = self.handed.wake.clone();
+        // Whether to claim at the top of the loop, and whether the last claim
+        // filled all the room it had (so more is probably due).
+        let mut claim = true;
+        let mut claimed_all = false;
         loop {
-            while in_flight.try_join_next().is_some() {}
-            let room = limit.saturating_sub(in_flight.len());
-            let mut claimed_all = false;
-            if room > 0 {
+            while claimed.try_join_next().is_some() {}
+            while handed.try_join_next().is_some() {}
+            let room = limit.saturating_sub(claimed.len());
+            if claim && room > 0 {
                 let now = self.clock.now();
                 let until = add(now, self.config.lease);
                 match self
@@ -266,34 +392,53 @@ impl Dispatcher {
                     .claim_due(&self.config.instance_id, now, until, room)
                     .await
                 {
-                    Ok(claimed) => {
-                        claimed_all = claimed.len() == room;
-                        for c in claimed {
-                            in_flight.spawn(self.attempt(c, now, results.clone()));
+                    Ok(rows) => {
+                        claimed_all = rows.len() == room;
+                        for row in rows {
+                            claimed.spawn(self.attempt(row, now, results.clone()));
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot claim outbox rows"),
                 }
             }
-            if claimed_all {
-                // More may be due; claim again once there is room.
-                tokio::select! {
-                    () = cancel.cancelled() => break,
-                    Some(_) = in_flight.join_next() => {}
-                }
-                continue;
-            }
+            let room = limit.saturating_sub(claimed.len());
+            claim = false;
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
-                () = self.wake.notified() => {}
-                () = tokio::time::sleep(self.config.poll) => {}
-                Some(_) = in_flight.join_next(), if room == 0 => {}
+                rows = self.handed.rx.recv(), if handed_open => match rows {
+                    Some(rows) => self.spawn_handed(&mut handed, rows, &results),
+                    None => handed_open = false,
+                },
+                // With the room full, or more probably due, claim again as
+                // soon as an attempt ends.
+                Some(_) = claimed.join_next(), if claimed_all || room == 0 => claim = true,
+                () = wake.notified() => claim = true,
+                _ = poll.tick() => claim = true,
             }
         }
         // Attempts already under way finish (each is bounded by its
         // provider's timeout) and are recorded; claims not started yet
         // keep their lease and are released at the next start.
-        while in_flight.join_next().await.is_some() {}
+        while claimed.join_next().await.is_some() {}
+        while handed.join_next().await.is_some() {}
+    }
+
+    fn spawn_handed(
+        &self,
+        tasks: &mut JoinSet<()>,
+        rows: Vec<Claimed>,
+        results: &mpsc::Sender<AttemptRecord>,
+    ) {
+        let now = self.clock.now();
+        for row in rows {
+            let room = RoomGuard(self.handed.room.clone());
+            let attempt = self.attempt(row, now, results.clone());
+            tasks.spawn(async move {
+                attempt.await;
+                drop(room);
+            });
+        }
     }
 
     /// One attempt of one claimed row, as a task.
@@ -318,6 +463,19 @@ impl Dispatcher {
                 None => None,
             };
             let started_at = clock.now();
+            // An attempt must end while the claim holds, or another claim
+            // could deliver the alarm at the same time. A row that waited
+            // too long for its slot is left to be claimed again.
+            let limit = provider.as_ref().map_or(Duration::ZERO, |p| p.timeout());
+            if add(started_at, limit) >= claimed.lease_until {
+                Metrics::inc(&metrics.claims_lapsed);
+                tracing::debug!(
+                    alarm_id = %claimed.alarm.id,
+                    provider = %provider_id,
+                    "claim ran short while waiting for a delivery slot; the row will be claimed again"
+                );
+                return;
+            }
             let delivery = Delivery {
                 contract_id: claimed.contract_id.clone(),
                 attempt: plan.attempts.saturating_add(1),
@@ -362,7 +520,8 @@ impl Dispatcher {
 }
 
 /// Writes attempt outcomes in batches; retries a failed write (the rows stay
-/// leased meanwhile, so nobody else delivers them).
+/// leased meanwhile, so nobody else delivers them). Rings `wake` when an
+/// alarm is due again at once.
 async fn record_loop(
     store: Store,
     mut results: mpsc::Receiver<AttemptRecord>,
@@ -378,8 +537,15 @@ async fn record_loop(
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(5));
         }
+        // An alarm passed on to its next provider is due at once; later
+        // retries are found by the poll.
+        let due_now = batch.iter().any(
+            |r| matches!(r.decision, Decision::Retry { due_at, .. } if due_at <= r.finished_at),
+        );
         batch.clear();
-        wake.notify_one();
+        if due_now {
+            wake.notify_one();
+        }
     }
 }
 

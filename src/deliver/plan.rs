@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::route::Route;
+
 /// The first retry waits about this long; each further one twice as long.
 const BACKOFF_BASE: Duration = Duration::from_millis(250);
 /// Backoff never exceeds this (before `Retry-After`).
@@ -68,6 +70,20 @@ pub enum Decision {
 }
 
 impl Plan {
+    /// Where a newly stored alarm stands: at the start of its route's chain.
+    pub fn first(route: &Route, stored_at: DateTime<Utc>) -> Plan {
+        Plan {
+            chain: route.chain.clone(),
+            position: 0,
+            rejected: Vec::new(),
+            exhausted: false,
+            attempts: 0,
+            provider_attempts: 0,
+            stored_at,
+            failover_after: route.failover_after,
+        }
+    }
+
     /// The provider the next attempt goes to.
     pub fn provider(&self) -> &str {
         self.chain

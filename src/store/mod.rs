@@ -116,6 +116,17 @@ pub struct BatchAlarm {
     pub alarm: NewAlarm,
     /// Where it is to be delivered; stored with its outbox row.
     pub route: Route,
+    /// Store its outbox row already claimed under the batch's [`Lease`]
+    /// (when the batch has one), for this instance to deliver straight away.
+    pub leased: bool,
+}
+
+/// A claim on outbox rows: nobody else claims them until it runs out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The instance that holds the rows.
+    pub owner: String,
+    pub until: DateTime<Utc>,
 }
 
 /// One group-commit batch.
@@ -123,6 +134,22 @@ pub struct BatchAlarm {
 pub struct Batch {
     pub alarms: Vec<BatchAlarm>,
     pub quarantine: Vec<QuarantineEntry>,
+    /// The claim under which `leased` alarms are stored.
+    pub lease: Option<Lease>,
+}
+
+impl Batch {
+    /// The lease of an alarm's outbox row as stored: owner and expiry in
+    /// milliseconds, or neither.
+    fn lease_of(&self, alarm: &BatchAlarm) -> (Option<&str>, Option<i64>) {
+        match &self.lease {
+            Some(lease) if alarm.leased => (
+                Some(lease.owner.as_str()),
+                Some(crate::model::to_millis(lease.until)),
+            ),
+            _ => (None, None),
+        }
+    }
 }
 
 /// An answered/resolved report from a provider.

@@ -50,7 +50,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::rows::{
-    alarm_from_row, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT, OUTBOX_FIELDS,
+    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
+    OUTBOX_FIELDS,
 };
 use super::{
     AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
@@ -206,10 +207,12 @@ impl PgStore {
                 .collect();
             sqlx::query(
                 "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
-                 failover_after_ms, stored_at, routed_at, due_at) \
-                 SELECT id, priority, 'pending', contract_id, chain, failover_after_ms, $6, $6, $6 \
-                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[]) \
-                 AS t(id, priority, contract_id, chain, failover_after_ms)",
+                 failover_after_ms, stored_at, routed_at, due_at, lease_owner, lease_until) \
+                 SELECT id, priority, 'pending', contract_id, chain, failover_after_ms, $6, $6, $6, \
+                 lease_owner, lease_until \
+                 FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::int8[], \
+                 $7::text[], $8::int8[]) \
+                 AS t(id, priority, contract_id, chain, failover_after_ms, lease_owner, lease_until)",
             )
             .bind(&ids)
             .bind(
@@ -232,6 +235,18 @@ impl PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(stored_ms)
+            .bind(
+                fresh
+                    .iter()
+                    .map(|b| batch.lease_of(b).0)
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                fresh
+                    .iter()
+                    .map(|b| batch.lease_of(b).1)
+                    .collect::<Vec<_>>(),
+            )
             .execute(&mut *tx)
             .await?;
         }
@@ -451,18 +466,7 @@ impl PgStore {
             let alarm = alarm_from_row(&row)?;
             alarms.insert(alarm.id.to_string(), alarm);
         }
-        let mut claimed = Vec::with_capacity(plans.len());
-        for (_, _, id, contract_id, plan) in plans {
-            let alarm = alarms
-                .remove(&id)
-                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} has no alarm")))?;
-            claimed.push(Claimed {
-                alarm,
-                contract_id,
-                plan,
-            });
-        }
-        Ok(claimed)
+        join_claims(plans, alarms, lease_until)
     }
 
     pub(super) async fn record_attempts(

@@ -5,12 +5,16 @@
 //! with types that decode to the same Rust types: BIGINT/INTEGER to `i64`,
 //! BOOLEAN/INTEGER to `bool`, TEXT to `String`, BYTEA/BLOB to `Vec<u8>`.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
 use super::{OutboxRow, StoreError};
+use crate::deliver::plan::Plan;
+use crate::deliver::Claimed;
 use crate::model::{
     from_millis, Alarm, AlarmClass, AlarmDetails, AlarmId, Priority, SourceKind, SourceRef,
 };
@@ -127,4 +131,29 @@ pub(super) fn millis(d: Duration) -> i64 {
 pub(super) fn parse_id(id: &str) -> Result<AlarmId, StoreError> {
     id.parse()
         .map_err(|e| StoreError::Corrupt(format!("alarm id {id:?}: {e}")))
+}
+
+/// A claimed outbox row as read back: priority, due time, alarm id, contract and plan.
+pub(super) type ClaimedPlan = (i64, i64, String, Option<String>, Plan);
+
+/// Joins claimed outbox rows (in claim order) with their alarms.
+pub(super) fn join_claims(
+    plans: Vec<ClaimedPlan>,
+    mut alarms: HashMap<String, Alarm>,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<Claimed>, StoreError> {
+    plans
+        .into_iter()
+        .map(|(_, _, id, contract_id, plan)| {
+            let alarm = alarms
+                .remove(&id)
+                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} has no alarm")))?;
+            Ok(Claimed {
+                alarm,
+                contract_id,
+                plan,
+                lease_until,
+            })
+        })
+        .collect()
 }

@@ -14,7 +14,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
 use super::rows::{
-    alarm_from_row, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT, OUTBOX_FIELDS,
+    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
+    OUTBOX_FIELDS,
 };
 use super::{
     AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
@@ -28,7 +29,7 @@ use crate::model::{from_millis, to_millis, Alarm, AlarmId, SourceKind};
 const MAX_PARAMS: usize = 32_000;
 const ALARM_COLUMNS: usize = 23;
 const QUARANTINE_COLUMNS: usize = 9;
-const OUTBOX_COLUMNS: usize = 8;
+const OUTBOX_COLUMNS: usize = 10;
 const STAGE_COLUMNS: usize = 5;
 const OUTCOME_COLUMNS: usize = 10;
 
@@ -163,10 +164,11 @@ impl SqliteStore {
         for chunk in fresh.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
-                 failover_after_ms, stored_at, routed_at, due_at) ",
+                 failover_after_ms, stored_at, routed_at, due_at, lease_owner, lease_until) ",
             );
             q.push_values(chunk, |mut row, (id, b)| {
                 let chain = serde_json::to_string(&b.route.chain).unwrap_or_else(|_| "[]".into());
+                let (lease_owner, lease_until) = batch.lease_of(b);
                 row.push_bind(id.as_str())
                     .push_bind(i64::from(b.alarm.priority().number()))
                     .push_bind("pending")
@@ -175,7 +177,9 @@ impl SqliteStore {
                     .push_bind(millis(b.route.failover_after))
                     .push_bind(stored_ms)
                     .push_bind(stored_ms)
-                    .push_bind(stored_ms);
+                    .push_bind(stored_ms)
+                    .push_bind(lease_owner)
+                    .push_bind(lease_until);
             });
             q.build().execute(&mut *tx).await?;
         }
@@ -393,18 +397,7 @@ impl SqliteStore {
                 alarms.insert(alarm.id.to_string(), alarm);
             }
         }
-        let mut claimed = Vec::with_capacity(plans.len());
-        for (_, _, id, contract_id, plan) in plans {
-            let alarm = alarms
-                .remove(&id)
-                .ok_or_else(|| StoreError::Corrupt(format!("outbox row {id} has no alarm")))?;
-            claimed.push(Claimed {
-                alarm,
-                contract_id,
-                plan,
-            });
-        }
-        Ok(claimed)
+        join_claims(plans, alarms, lease_until)
     }
 
     pub(super) async fn record_attempts(
