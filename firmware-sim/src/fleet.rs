@@ -546,7 +546,12 @@ impl Fleet {
                 .set_keep_alive(Duration::from_secs(30))
                 .set_max_packet_size(MAX_PACKET, MAX_PACKET)
                 .set_clean_session(true);
-            let (client, eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+            let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
+            // Small packets go out at once instead of waiting for TCP's
+            // acknowledgement of the previous one.
+            let mut network = eventloop.network_options();
+            network.set_tcp_nodelay(true);
+            eventloop.set_network_options(network);
             let poller = Poller {
                 inner: Arc::clone(&inner),
                 connection,

@@ -219,8 +219,7 @@ impl Poller<'_> {
         let id = self.source.config.id.clone();
         loop {
             self.epoch += 1;
-            let (client, mut eventloop) =
-                AsyncClient::new(self.source.options(false), MAX_OUTSTANDING);
+            let (client, mut eventloop) = client(self.source.options(false), MAX_OUTSTANDING);
             let ended = self
                 .connection(&client, &mut eventloop, &tickets, &mut failed, &cancel)
                 .await;
@@ -606,13 +605,25 @@ async fn run_acknowledger(
     }
 }
 
+/// An MQTT client whose small packets go out at once. Without
+/// `TCP_NODELAY`, a PUBLISH or PUBACK written while the previous one is not
+/// yet acknowledged by TCP waits for that acknowledgement, which the peer
+/// may delay by up to 40 ms.
+fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
+    let (client, mut eventloop) = AsyncClient::new(options, capacity);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
 /// Publishes device replies on a connection of their own.
 async fn run_replier(
     options: MqttOptions,
     mut replies: mpsc::Receiver<(String, Reply)>,
     id: String,
 ) {
-    let (client, mut eventloop) = AsyncClient::new(options, 1024);
+    let (client, mut eventloop) = client(options, 1024);
     let done = CancellationToken::new();
     let publisher = async {
         while let Some((topic, reply)) = replies.recv().await {
