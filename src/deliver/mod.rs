@@ -519,6 +519,11 @@ impl Dispatcher {
     }
 }
 
+/// Most attempt outcomes recorded in one transaction.
+const RECORD_MAX: usize = 4096;
+/// How long outcomes gather before they are recorded.
+const RECORD_WAIT: Duration = Duration::from_millis(20);
+
 /// Writes attempt outcomes in batches; retries a failed write (the rows stay
 /// leased meanwhile, so nobody else delivers them). Rings `wake` when an
 /// alarm is due again at once.
@@ -529,7 +534,18 @@ async fn record_loop(
     metrics: Arc<Metrics>,
 ) {
     let mut batch = Vec::new();
-    while results.recv_many(&mut batch, 1024).await > 0 {
+    while results.recv_many(&mut batch, RECORD_MAX).await > 0 {
+        // Outcomes are not in a hurry (the provider has the alarm; the row
+        // stays claimed): gather them into fewer transactions, each a turn
+        // that new alarms would otherwise wait behind.
+        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
+        while batch.len() < RECORD_MAX {
+            let room = RECORD_MAX - batch.len();
+            match tokio::time::timeout_at(deadline, results.recv_many(&mut batch, room)).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
         let mut pause = Duration::from_millis(100);
         while let Err(e) = store.record_attempts(&batch).await {
             Metrics::inc(&metrics.store_commit_failures);

@@ -7,11 +7,13 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::rows::{
     alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
@@ -37,7 +39,21 @@ const OUTCOME_COLUMNS: usize = 10;
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// One connection with `synchronous=NORMAL`, for the writes that may be
+    /// lost in a power cut without breaking a guarantee: delivery outcomes.
+    /// Such a commit is not flushed to disk by itself but by the next
+    /// flushed commit (the WAL is written in order); lost, it means an alarm
+    /// is delivered again under the same id.
+    relaxed: SqlitePool,
+    /// Writers of this process take turns here. SQLite allows one writer at
+    /// a time; a connection that finds the file locked sleeps in growing
+    /// steps (1, 2, 5, 10 ms, …) before it tries again, whereas a queue
+    /// hands the turn on the moment the previous writer is done.
+    writer: Arc<Mutex<()>>,
 }
+
+/// A turn at writing; see [`SqliteStore::write_turn`].
+pub(super) type WriteTurn = OwnedMutexGuard<()>;
 
 impl SqliteStore {
     /// The connection pool, for the operator queries of `admin.rs`.
@@ -65,18 +81,44 @@ impl SqliteStore {
             .foreign_keys(true);
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        Ok(SqliteStore { pool })
+        let relaxed = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.synchronous(SqliteSynchronous::Normal))
+            .await?;
+        Ok(SqliteStore {
+            pool,
+            relaxed,
+            writer: Arc::new(Mutex::new(())),
+        })
+    }
+
+    /// Waits for this process's turn to write; hold it until the write has
+    /// committed.
+    pub(super) async fn write_turn(&self) -> WriteTurn {
+        self.writer.clone().lock_owned().await
     }
 
     /// A write transaction. `BEGIN IMMEDIATE` takes the write lock up front:
     /// a deferred transaction that reads first and writes later fails at
     /// once with SQLITE_BUSY when another connection (the dispatcher, the
     /// API) wrote in between, and the busy timeout cannot help it.
-    async fn write_tx(&self) -> Result<sqlx::Transaction<'static, Sqlite>, StoreError> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    pub(super) async fn write_tx(
+        &self,
+    ) -> Result<(WriteTurn, sqlx::Transaction<'static, Sqlite>), StoreError> {
+        let turn = self.write_turn().await;
+        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
+    }
+
+    /// A write transaction whose commit is not flushed to disk by itself
+    /// (see `relaxed`).
+    async fn relaxed_tx(
+        &self,
+    ) -> Result<(WriteTurn, sqlx::Transaction<'static, Sqlite>), StoreError> {
+        let turn = self.write_turn().await;
+        Ok((turn, self.relaxed.begin_with("BEGIN IMMEDIATE").await?))
     }
 
     pub(super) async fn commit_batch(
@@ -85,7 +127,7 @@ impl SqliteStore {
         stored_at: DateTime<Utc>,
         dedupe_since: DateTime<Utc>,
     ) -> Result<Vec<AlarmOutcome>, StoreError> {
-        let mut tx = self.write_tx().await?;
+        let (_turn, mut tx) = self.write_tx().await?;
 
         // Which keys are already stored within the window?
         let mut existing: HashMap<String, AlarmId> = HashMap::new();
@@ -326,6 +368,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query(
             "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
         )
@@ -343,6 +386,7 @@ impl SqliteStore {
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let now_ms = to_millis(now);
+        let turn = self.write_turn().await;
         let rows = sqlx::query(
             "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE alarm_id IN ( \
                  SELECT alarm_id FROM outbox WHERE state = 'pending' AND due_at <= ? \
@@ -358,6 +402,7 @@ impl SqliteStore {
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
         .fetch_all(&self.pool)
         .await?;
+        drop(turn);
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -407,7 +452,7 @@ impl SqliteStore {
         if records.is_empty() {
             return Ok(());
         }
-        let mut tx = self.write_tx().await?;
+        let (_turn, mut tx) = self.relaxed_tx().await?;
         // Stage rows: the attempt, then an acceptance or a dead letter.
         let mut stages: Vec<(String, &'static str, i64, Option<&str>, &str)> = Vec::new();
         for r in records {
@@ -536,7 +581,7 @@ impl SqliteStore {
         report: &ProgressReport,
     ) -> Result<ProgressResult, StoreError> {
         let id = report.alarm_id.to_string();
-        let mut tx = self.write_tx().await?;
+        let (_turn, mut tx) = self.write_tx().await?;
         let states: Vec<String> = sqlx::query_scalar(
             "SELECT stage FROM alarm_stages WHERE alarm_id = ? AND stage IN ('answered', 'resolved')",
         )
@@ -607,6 +652,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn close(&self) {
+        self.relaxed.close().await;
         self.pool.close().await;
     }
 }
