@@ -3,7 +3,7 @@
 //! this machine, driven by a simulated device fleet.
 //!
 //! ```sh
-//! cargo bench --bench load -- --scenario steady|max|storm|serial [--store-url URL] [--broker-url URL]
+//! cargo bench --bench load -- --scenario steady|max|storm|serial [--store-url URL] [--broker-url URL] [--keep]
 //! ```
 //!
 //! Each scenario ends with one line on stdout:
