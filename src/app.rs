@@ -95,10 +95,24 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         brokers.push(broker);
     }
 
-    // ingest → route: one group-commit writer behind a bounded queue; each
-    // new alarm is routed and queued for delivery in the same transaction.
-    // New alarms go straight to delivery once committed, already claimed.
+    // deliver: what ingest hands over, and due outbox rows (retries, rows
+    // stored beyond the hand-off's room, a crashed instance's claims). The
+    // claims an earlier run left are released before ingest starts storing
+    // claimed rows of its own.
     let (handoff, handed) = deliver::handoff(&config.deliver);
+    let cancel_delivery = CancellationToken::new();
+    let dispatcher = Dispatcher::new(
+        &config,
+        store.clone(),
+        clock.clone(),
+        metrics.clone(),
+        handed,
+    )?;
+    dispatcher.release_earlier_claims().await;
+
+    // ingest → route: one group-commit writer behind a bounded queue; each
+    // new alarm is routed and queued for delivery in the same transaction,
+    // and goes straight to the dispatcher once committed, already claimed.
     let (ingest, writer) = ingest::channel(
         store.clone(),
         config.ingest.clone(),
@@ -108,17 +122,6 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
         Some(handoff),
     );
     let writer = tokio::spawn(writer.run());
-
-    // deliver: what ingest hands over, and due outbox rows (retries, rows
-    // stored beyond the hand-off's room, a crashed instance's claims).
-    let cancel_delivery = CancellationToken::new();
-    let dispatcher = Dispatcher::new(
-        &config,
-        store.clone(),
-        clock.clone(),
-        metrics.clone(),
-        handed,
-    )?;
     let dispatcher = tokio::spawn(dispatcher.run(cancel_delivery.clone()));
 
     // sources: each runs until shutdown.

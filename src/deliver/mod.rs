@@ -342,14 +342,22 @@ impl Dispatcher {
         })
     }
 
-    /// Delivers until `cancel` fires, then lets in-flight attempts finish
-    /// and records them.
-    pub async fn run(mut self, cancel: CancellationToken) {
+    /// Releases the outbox rows an earlier run of this instance left
+    /// claimed, so they are delivered at once instead of after their lease.
+    /// Call it before ingest starts: the rows ingest stores claimed and
+    /// hands over carry the same owner, and releasing one of those would let
+    /// the poll claim it a second time.
+    pub async fn release_earlier_claims(&self) {
         match self.store.release_leases(&self.config.instance_id).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(rows = n, "released this instance's earlier outbox claims"),
             Err(e) => tracing::error!(error = %e, "cannot release earlier outbox claims"),
         }
+    }
+
+    /// Delivers until `cancel` fires, then lets in-flight attempts finish
+    /// and records them.
+    pub async fn run(mut self, cancel: CancellationToken) {
         let (results_tx, results_rx) = mpsc::channel(self.config.claim_batch.max(1) * 4);
         let recorder = record_loop(
             self.store.clone(),
