@@ -3,10 +3,12 @@
 //! # Design
 //! Every stored alarm has an outbox row carrying its route (contract, provider
 //! chain, failover time) and where it stands in that chain ([`plan::Plan`]).
-//! The [`Dispatcher`] claims due rows with a lease in priority order
-//! (critical first), delivers each through its provider's adapter and hands
-//! the outcome to a recorder that writes attempts in batches, one
-//! transaction per batch.
+//! The ingest writer stores each new row already claimed by this instance
+//! and hands it over once committed ([`Handoff`]); the [`Dispatcher`] also
+//! claims due rows (retries, rows beyond the hand-off's room, a dead
+//! instance's claims) with a lease in priority order (critical first). It
+//! delivers each through its provider's adapter and hands the outcome to a
+//! recorder that writes attempts in batches, one transaction per batch.
 //!
 //! - A claim is a lease (`lease_owner`, `lease_until`): while it holds,
 //!   no other claim takes the row; when a process dies, its rows become due
@@ -14,6 +16,9 @@
 //!   claims at start-up. So an alarm is never lost between "stored" and
 //!   "accepted by a provider"; at worst it is delivered twice under one
 //!   alarm id, which the `Idempotency-Key` lets the provider recognise.
+//! - An attempt must end while its claim holds: a row that waited for a
+//!   delivery slot until too little of its lease was left is not delivered
+//!   on that claim but claimed again.
 //! - Life first: each provider has two lanes (critical and urgent; technical
 //!   and routine), each with its own bound on deliveries in flight, so a
 //!   flood of technical signals never takes the slots a fall needs.
