@@ -36,7 +36,7 @@ use firmware_sim::arc::{ArcConfig, ArcSim};
 use firmware_sim::fleet::{Fleet, FleetConfig, Mix};
 use firmware_sim::serial::{LineFormat, SerialSim, SerialSimConfig};
 use pg::PgDatabase;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 
 /// How long the bench waits for stragglers after the offered load stops.
 const DRAIN: Duration = Duration::from_secs(30);
@@ -327,16 +327,6 @@ async fn wait_delivered(arc: &ArcSim, sent: &[Sent], deadline: Instant) {
     }
 }
 
-/// A client that sends small packets at once, as the gateway's and the
-/// fleet's do.
-fn nodelay_client(options: MqttOptions) -> (AsyncClient, rumqttc::EventLoop) {
-    let (client, mut eventloop) = AsyncClient::new(options, 1000);
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    (client, eventloop)
-}
-
 /// The raw QoS 1 publish → subscribe rate of a broker, with `payload` bytes
 /// a message: one publisher, one subscriber, `n` messages.
 async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
@@ -344,7 +334,7 @@ async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
     let id = uuid::Uuid::new_v4().simple().to_string();
     let mut sub_opts = MqttOptions::new(format!("lb-sub-{}", &id[..8]), &broker.host, broker.port);
     sub_opts.set_max_packet_size(64 * 1024, 64 * 1024);
-    let (sub, mut sub_loop) = nodelay_client(sub_opts);
+    let (sub, mut sub_loop) = telegate::source::mqtt::client(sub_opts, 1000);
     if sub.subscribe(&topic, QoS::AtLeastOnce).await.is_err() {
         return 0.0;
     }
@@ -379,7 +369,7 @@ async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
     let mut pub_opts = MqttOptions::new(format!("lb-pub-{}", &id[..8]), &broker.host, broker.port);
     pub_opts.set_inflight(1000);
     pub_opts.set_max_packet_size(64 * 1024, 64 * 1024);
-    let (publisher, mut pub_loop) = nodelay_client(pub_opts);
+    let (publisher, mut pub_loop) = telegate::source::mqtt::client(pub_opts, 1000);
     let driver = tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
     let body = vec![b'x'; payload];
     let start = Instant::now();

@@ -198,14 +198,7 @@ impl Writer {
         if self.config.batch_wait == Duration::ZERO {
             return;
         }
-        let deadline = tokio::time::Instant::now() + self.config.batch_wait;
-        while jobs.len() < max {
-            let room = max - jobs.len();
-            match tokio::time::timeout_at(deadline, self.rx.recv_many(jobs, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        gather_until(&mut self.rx, jobs, max, self.config.batch_wait).await;
     }
 
     async fn commit(&mut self, jobs: &mut Vec<Job>) {
@@ -331,6 +324,24 @@ impl Writer {
         }
         batch.lease = Some(handoff.lease(now));
         granted
+    }
+}
+
+/// Adds to `batch` what `rx` receives within `wait`, up to `max` in all;
+/// returns early when the batch is full or the channel closes.
+pub(crate) async fn gather_until<T>(
+    rx: &mut mpsc::Receiver<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    wait: Duration,
+) {
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < max {
+        let room = max - batch.len();
+        match tokio::time::timeout_at(deadline, rx.recv_many(batch, room)).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
     }
 }
 

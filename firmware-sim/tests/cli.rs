@@ -1,28 +1,18 @@
 //! The `firmware-sim arc` command: starts, serves deliveries, and prints its counters on SIGTERM.
 #![cfg(unix)]
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use common::{Running, BIN};
 use firmware_sim::arc::sign;
 
-const BIN: &str = env!("CARGO_BIN_EXE_firmware-sim");
 const SECRET: &str = "cli-secret-value";
 const TOKEN: &str = "cli-token-value";
-
-/// Kills the child if the test fails before it exits.
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 fn free_port() -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

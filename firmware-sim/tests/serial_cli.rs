@@ -2,6 +2,8 @@
 //! as one line, and exits 64 on bad arguments.
 #![cfg(unix)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -10,20 +12,9 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_serial::SerialPortBuilderExt;
 
-const BIN: &str = env!("CARGO_BIN_EXE_firmware-sim");
+use common::{Running, BIN};
+
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Kills the child if the test fails before it exits.
-struct Running(Option<Child>);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(child) = self.0.as_mut() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
 
 /// Starts the simulator and waits for its start line on stderr; the rest of stderr goes to the receiver.
 fn start(args: &[&str]) -> (Running, mpsc::Receiver<String>) {

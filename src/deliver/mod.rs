@@ -551,14 +551,7 @@ async fn record_loop(
         // Outcomes are not in a hurry (the provider has the alarm; the row
         // stays claimed): gather them into fewer transactions, each a turn
         // that new alarms would otherwise wait behind.
-        let deadline = tokio::time::Instant::now() + RECORD_WAIT;
-        while batch.len() < RECORD_MAX {
-            let room = RECORD_MAX - batch.len();
-            match tokio::time::timeout_at(deadline, results.recv_many(&mut batch, room)).await {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
+        crate::ingest::gather_until(&mut results, &mut batch, RECORD_MAX, RECORD_WAIT).await;
         let mut pause = Duration::from_millis(100);
         while let Err(e) = store.record_attempts(&batch).await {
             Metrics::inc(&metrics.store_commit_failures);

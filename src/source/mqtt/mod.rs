@@ -609,7 +609,7 @@ async fn run_acknowledger(
 /// `TCP_NODELAY`, a PUBLISH or PUBACK written while the previous one is not
 /// yet acknowledged by TCP waits for that acknowledgement, which the peer
 /// may delay by up to 40 ms.
-fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
+pub fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop) {
     let (client, mut eventloop) = AsyncClient::new(options, capacity);
     let mut network = eventloop.network_options();
     network.set_tcp_nodelay(true);
