@@ -9,10 +9,11 @@
 //! the signal's batch has committed.
 //!
 //! One writer task ([`Writer::run`]) drains the queue into batches: it takes
-//! whatever is queued, waits at most `batch_wait` for more (up to
-//! `batch_max`), writes the batch in one transaction and then answers every
-//! sender. While a batch commits, the next one gathers, so under load batches
-//! grow by themselves and throughput follows. Batches are committed in queue
+//! whatever is queued (up to `batch_max`), writes the batch in one
+//! transaction and then answers every sender. When the queue was empty, the
+//! first signal waits at most `batch_wait` for company. While a batch
+//! commits, the next one gathers, so under load batches grow by themselves
+//! and throughput follows; a batch that gathered that way is written at once. Batches are committed in queue
 //! order, so answers come back in the order signals were enqueued.
 //!
 //! When a commit fails every sender of that batch gets an error and must not
@@ -184,10 +185,15 @@ impl Writer {
         let max = self.config.batch_max.max(1);
         let mut jobs: Vec<Job> = Vec::with_capacity(max);
         loop {
+            // Jobs that queued up while the last batch committed are a batch
+            // already: waiting for more would only hold them longer.
+            let backlog = !self.rx.is_empty();
             if self.rx.recv_many(&mut jobs, max).await == 0 {
                 break;
             }
-            self.gather(&mut jobs, max).await;
+            if !backlog {
+                self.gather(&mut jobs, max).await;
+            }
             self.commit(&mut jobs).await;
         }
         tracing::debug!("ingest writer stopped");

@@ -326,6 +326,41 @@ async fn the_same_signal_within_the_window_is_one_alarm_and_outside_it_a_new_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_fails_half_way_stores_nothing_and_later_batches_commit() {
+    for choice in stores() {
+        let ts = TestStore::open(&choice).await;
+        let store = &ts.store;
+        // More failures than the pool has connections: a failed commit must
+        // leave no connection holding a transaction or the write lock.
+        for round in 0..6u64 {
+            // Two alarms under one id: the second insert breaks the primary
+            // key after the first has gone in.
+            let mut batch = batch_of(vec![
+                signal("d1", round, AlarmClass::Fall, t(0)),
+                signal("d2", round, AlarmClass::Flood, t(0)),
+            ]);
+            batch.alarms[1].id = batch.alarms[0].id;
+            let failed = store.commit_batch(&batch, t(10), t(0)).await;
+            assert!(failed.is_err(), "{}: round {round}: {failed:?}", ts.name);
+            assert_eq!(store.count_alarms().await.unwrap(), round, "{}", ts.name);
+            assert_eq!(store.count_outbox_pending().await.unwrap(), round);
+
+            // The same signals, sent again as a sound batch, are new alarms.
+            let ids = commit(
+                store,
+                vec![signal("d1", round, AlarmClass::Fall, t(0))],
+                t(20),
+            )
+            .await;
+            let stored = store.alarm(ids[0]).await.unwrap().expect("stored");
+            assert_eq!(stored.device_id, "d1");
+        }
+        assert_eq!(store.count_outbox_pending().await.unwrap(), 6);
+        ts.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_of_one_signal_store_one_alarm() {
     for choice in stores() {
         let ts = TestStore::open(&choice).await;
