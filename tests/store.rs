@@ -360,6 +360,63 @@ async fn a_batch_that_fails_half_way_stores_nothing_and_later_batches_commit() {
     }
 }
 
+/// SQLite stores keep the window's keys in memory; two processes on one
+/// file (here two stores) and a store opened again must still see every
+/// alarm the others stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_stores_sharing_a_file_and_a_reopened_store_find_each_others_duplicates() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = StoreUrl::Sqlite(dir.path().join("shared.db"));
+    let window = chrono::Duration::minutes(10);
+    let first = Store::open(&url).await.expect("opens");
+    let second = Store::open(&url).await.expect("opens");
+    let outcome = |store: &Store, device: &str, at: i64| {
+        let store = store.clone();
+        let batch = batch_of(vec![signal(device, 1, AlarmClass::Fall, t(at))]);
+        async move {
+            store
+                .commit_batch(&batch, t(at + 10), t(at + 10) - window)
+                .await
+                .expect("commits")[0]
+        }
+    };
+
+    let AlarmOutcome::Stored(d1) = outcome(&first, "d1", 0).await else {
+        panic!("d1 not stored")
+    };
+    assert_eq!(
+        outcome(&second, "d1", 1_000).await,
+        AlarmOutcome::Duplicate(d1)
+    );
+    // Both have loaded their keys now; later rows reach the other too.
+    let AlarmOutcome::Stored(d2) = outcome(&second, "d2", 2_000).await else {
+        panic!("d2 not stored")
+    };
+    assert_eq!(
+        outcome(&first, "d2", 3_000).await,
+        AlarmOutcome::Duplicate(d2)
+    );
+    first.close().await;
+    second.close().await;
+
+    let reopened = Store::open(&url).await.expect("opens again");
+    assert_eq!(
+        outcome(&reopened, "d1", 4_000).await,
+        AlarmOutcome::Duplicate(d1)
+    );
+    assert_eq!(
+        outcome(&reopened, "d2", 5_000).await,
+        AlarmOutcome::Duplicate(d2)
+    );
+    // Outside the window the same signal is a new alarm.
+    let AlarmOutcome::Stored(later) = outcome(&reopened, "d1", 700_000).await else {
+        panic!("d1 not stored again after the window")
+    };
+    assert_ne!(later, d1);
+    assert_eq!(reopened.count_alarms().await.unwrap(), 3);
+    reopened.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_of_one_signal_store_one_alarm() {
     for choice in stores() {

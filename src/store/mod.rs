@@ -11,6 +11,9 @@
 //!   within the window gets that alarm's id back instead of a new row. This
 //!   holds across gateway instances sharing one PostgreSQL database too: a
 //!   batch locks its keys before it looks for them (see `postgres.rs`).
+//!   SQLite finds the window's keys in memory instead of a disk index in
+//!   key order, and catches up with other processes' rows under the write
+//!   lock (see `recent.rs`).
 //! - Every alarm gets an outbox row in the transaction that stores it, so no
 //!   alarm can sit between "stored" and "queued for delivery".
 //! - Claims are leases: a crashed instance's claims expire and the rows are
@@ -18,8 +21,9 @@
 //!   `FOR UPDATE SKIP LOCKED`, so no row is claimed by two at once.
 //!
 //! # Layout
-//! The same tables, columns and indexes in both databases
-//! (`migrations/sqlite`, `migrations/postgres`):
+//! The same tables and columns in both databases (`migrations/sqlite`,
+//! `migrations/postgres`); the indexes differ only where de-duplication
+//! does (SQLite indexes `received_at`, PostgreSQL the dedupe key):
 //! - `alarms`: one row per alarm, with the ingest timestamps (`raised_at`,
 //!   `received_at`, `stored_at`) as milliseconds since the epoch.
 //! - `alarm_stages`: later stages (routed, attempts, accepted, answered,
@@ -35,6 +39,7 @@
 
 mod admin;
 mod postgres;
+mod recent;
 mod rows;
 mod sqlite;
 

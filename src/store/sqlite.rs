@@ -15,6 +15,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
+use super::recent::{Entry, RecentKeys};
 use super::rows::{
     alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
     OUTBOX_FIELDS,
@@ -49,11 +50,12 @@ pub struct SqliteStore {
     /// a time; a connection that finds the file locked sleeps in growing
     /// steps (1, 2, 5, 10 ms, …) before it tries again, whereas a queue
     /// hands the turn on the moment the previous writer is done.
-    writer: Arc<Mutex<()>>,
+    writer: Arc<Mutex<RecentKeys>>,
 }
 
-/// A turn at writing; see [`SqliteStore::write_turn`].
-pub(super) type WriteTurn = OwnedMutexGuard<()>;
+/// A turn at writing; see [`SqliteStore::write_turn`]. It carries the
+/// recent dedupe keys, which only a writer may read or change.
+pub(super) type WriteTurn = OwnedMutexGuard<RecentKeys>;
 
 impl SqliteStore {
     /// The connection pool, for the operator queries of `admin.rs`.
@@ -93,7 +95,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             relaxed,
-            writer: Arc::new(Mutex::new(())),
+            writer: Arc::new(Mutex::new(RecentKeys::default())),
         })
     }
 
@@ -129,29 +131,37 @@ impl SqliteStore {
         stored_at: DateTime<Utc>,
         dedupe_since: DateTime<Utc>,
     ) -> Result<Vec<AlarmOutcome>, StoreError> {
-        let (_turn, mut tx) = self.write_tx().await?;
+        let since_ms = to_millis(dedupe_since);
+        let (mut recent, mut tx) = self.write_tx().await?;
+        catch_up(&mut recent, &mut tx, since_ms).await?;
+        recent.expire(since_ms);
 
-        // Which keys are already stored within the window?
-        let mut existing: HashMap<String, AlarmId> = HashMap::new();
-        let keys: Vec<&str> = batch
+        // Which keys are already stored within the window? The set names
+        // candidates; their rows decide.
+        let mut candidates: Vec<i64> = batch
             .alarms
             .iter()
-            .map(|b| b.alarm.dedupe_key.as_str())
+            .filter_map(|b| recent.candidate(b.alarm.dedupe_key.as_str()))
+            .map(|e| e.rowid)
             .collect();
-        for chunk in keys.chunks(MAX_PARAMS - 1) {
-            let mut q: QueryBuilder<Sqlite> =
-                QueryBuilder::new("SELECT id, dedupe_key FROM alarms WHERE received_at >= ");
-            q.push_bind(to_millis(dedupe_since));
-            q.push(" AND dedupe_key IN (");
+        candidates.sort_unstable();
+        candidates.dedup();
+        let mut existing: HashMap<String, AlarmId> = HashMap::new();
+        for chunk in candidates.chunks(MAX_PARAMS) {
+            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "SELECT id, dedupe_key, received_at FROM alarms WHERE rowid IN (",
+            );
             let mut list = q.separated(", ");
-            for key in chunk {
-                list.push_bind(*key);
+            for rowid in chunk {
+                list.push_bind(*rowid);
             }
-            list.push_unseparated(") ORDER BY received_at");
+            list.push_unseparated(")");
             for row in q.build().fetch_all(&mut *tx).await? {
-                let id: String = row.try_get("id")?;
-                let key: String = row.try_get("dedupe_key")?;
-                existing.entry(key).or_insert(parse_id(&id)?);
+                let received_at: i64 = row.try_get("received_at")?;
+                if received_at >= since_ms {
+                    let id: String = row.try_get("id")?;
+                    existing.insert(row.try_get("dedupe_key")?, parse_id(&id)?);
+                }
             }
         }
 
@@ -170,6 +180,7 @@ impl SqliteStore {
         }
 
         let stored_ms = to_millis(stored_at);
+        let mut inserted = Vec::with_capacity(fresh.len());
         for chunk in fresh.chunks(MAX_PARAMS / ALARM_COLUMNS) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
                 "INSERT INTO alarms (id, tenant, device_id, account, seq, class, priority, \
@@ -203,7 +214,15 @@ impl SqliteStore {
                     .push_bind(a.raw.as_slice())
                     .push_bind(a.dedupe_key.as_str());
             });
-            q.build().execute(&mut *tx).await?;
+            q.push(" RETURNING rowid, dedupe_key, received_at");
+            for row in q.build().fetch_all(&mut *tx).await? {
+                let key: String = row.try_get("dedupe_key")?;
+                let entry = Entry {
+                    rowid: row.try_get("rowid")?,
+                    received_at: row.try_get("received_at")?,
+                };
+                inserted.push((key, entry));
+            }
         }
         for chunk in fresh.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -246,6 +265,9 @@ impl SqliteStore {
             q.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
+        for (key, entry) in inserted {
+            recent.insert(&key, entry);
+        }
         Ok(outcomes)
     }
 
@@ -657,4 +679,68 @@ impl SqliteStore {
         self.relaxed.close().await;
         self.pool.close().await;
     }
+}
+
+/// Brings the recent-key set up to date inside a write transaction: loads
+/// the window on first use, then folds in the rows other processes stored
+/// since (rowids only grow while rows are appended). Should the highest
+/// rowid have gone down (the newest rows deleted), the set is loaded again.
+async fn catch_up(
+    recent: &mut RecentKeys,
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    since_ms: i64,
+) -> Result<(), StoreError> {
+    if let Some(seen) = recent.seen() {
+        let rows = sqlx::query(
+            "SELECT rowid AS rowid, dedupe_key, received_at FROM alarms WHERE rowid > ? \
+             UNION ALL SELECT max(rowid), NULL, NULL FROM alarms",
+        )
+        .bind(seen)
+        .fetch_all(&mut **tx)
+        .await?;
+        let mut top = 0;
+        let mut newer = Vec::new();
+        for row in rows {
+            let rowid: Option<i64> = row.try_get("rowid")?;
+            match row.try_get::<Option<String>, _>("dedupe_key")? {
+                Some(key) => newer.push((
+                    key,
+                    Entry {
+                        rowid: rowid.unwrap_or_default(),
+                        received_at: row.try_get("received_at")?,
+                    },
+                )),
+                None => top = rowid.unwrap_or(0),
+            }
+        }
+        if top >= seen {
+            newer.sort_by_key(|(_, e)| e.rowid);
+            for (key, entry) in newer {
+                recent.insert(&key, entry);
+            }
+            return Ok(());
+        }
+        recent.reset();
+    }
+    let rows = sqlx::query(
+        "SELECT rowid AS rowid, dedupe_key, received_at FROM alarms \
+         WHERE received_at >= ? ORDER BY rowid",
+    )
+    .bind(since_ms)
+    .fetch_all(&mut **tx)
+    .await?;
+    for row in rows {
+        let key: String = row.try_get("dedupe_key")?;
+        let entry = Entry {
+            rowid: row.try_get("rowid")?,
+            received_at: row.try_get("received_at")?,
+        };
+        recent.insert(&key, entry);
+    }
+    let top: Option<i64> = sqlx::query_scalar("SELECT max(rowid) FROM alarms")
+        .fetch_one(&mut **tx)
+        .await?;
+    recent.loaded_to(top.unwrap_or(0));
+    tracing::debug!(keys = recent.len(), "recent dedupe keys loaded");
+    Ok(())
 }
