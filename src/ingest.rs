@@ -13,8 +13,9 @@
 //! transaction and then answers every sender. When the queue was empty, the
 //! first signal waits at most `batch_wait` for company. While a batch
 //! commits, the next one gathers, so under load batches grow by themselves
-//! and throughput follows; a batch that gathered that way is written at once. Batches are committed in queue
-//! order, so answers come back in the order signals were enqueued.
+//! and throughput follows; a batch that gathered that way is written at
+//! once. Batches are committed in queue order, so answers come back in the
+//! order signals were enqueued.
 //!
 //! When a commit fails every sender of that batch gets an error and must not
 //! acknowledge its signal (the device or broker will send it again).
