@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
@@ -216,12 +218,7 @@ impl SqliteStore {
             });
             q.push(" RETURNING rowid, dedupe_key, received_at");
             for row in q.build().fetch_all(&mut *tx).await? {
-                let key: String = row.try_get("dedupe_key")?;
-                let entry = Entry {
-                    rowid: row.try_get("rowid")?,
-                    received_at: row.try_get("received_at")?,
-                };
-                inserted.push((key, entry));
+                inserted.extend(key_entry(&row)?);
             }
         }
         for chunk in fresh.chunks(MAX_PARAMS / OUTBOX_COLUMNS) {
@@ -691,30 +688,8 @@ async fn catch_up(
     since_ms: i64,
 ) -> Result<(), StoreError> {
     if let Some(seen) = recent.seen() {
-        let rows = sqlx::query(
-            "SELECT rowid AS rowid, dedupe_key, received_at FROM alarms WHERE rowid > ? \
-             UNION ALL SELECT max(rowid), NULL, NULL FROM alarms",
-        )
-        .bind(seen)
-        .fetch_all(&mut **tx)
-        .await?;
-        let mut top = 0;
-        let mut newer = Vec::new();
-        for row in rows {
-            let rowid: Option<i64> = row.try_get("rowid")?;
-            match row.try_get::<Option<String>, _>("dedupe_key")? {
-                Some(key) => newer.push((
-                    key,
-                    Entry {
-                        rowid: rowid.unwrap_or_default(),
-                        received_at: row.try_get("received_at")?,
-                    },
-                )),
-                None => top = rowid.unwrap_or(0),
-            }
-        }
+        let (newer, top) = stored_keys(tx, "rowid > ?", seen).await?;
         if top >= seen {
-            newer.sort_by_key(|(_, e)| e.rowid);
             for (key, entry) in newer {
                 recent.insert(&key, entry);
             }
@@ -722,25 +697,50 @@ async fn catch_up(
         }
         recent.reset();
     }
-    let rows = sqlx::query(
-        "SELECT rowid AS rowid, dedupe_key, received_at FROM alarms \
-         WHERE received_at >= ? ORDER BY rowid",
-    )
-    .bind(since_ms)
-    .fetch_all(&mut **tx)
-    .await?;
-    for row in rows {
-        let key: String = row.try_get("dedupe_key")?;
-        let entry = Entry {
-            rowid: row.try_get("rowid")?,
-            received_at: row.try_get("received_at")?,
-        };
+    let (window, top) = stored_keys(tx, "received_at >= ?", since_ms).await?;
+    for (key, entry) in window {
         recent.insert(&key, entry);
     }
-    let top: Option<i64> = sqlx::query_scalar("SELECT max(rowid) FROM alarms")
-        .fetch_one(&mut **tx)
-        .await?;
-    recent.loaded_to(top.unwrap_or(0));
+    recent.loaded_to(top);
     tracing::debug!(keys = recent.len(), "recent dedupe keys loaded");
     Ok(())
+}
+
+/// The keys of the alarms that `filter` (one `?`, bound to `bound`)
+/// selects, in rowid order, and the table's highest rowid (0 when empty).
+async fn stored_keys(
+    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    filter: &'static str,
+    bound: i64,
+) -> Result<(Vec<(String, Entry)>, i64), StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT rowid AS rowid, dedupe_key, received_at FROM alarms WHERE {filter} \
+         UNION ALL SELECT max(rowid), NULL, NULL FROM alarms"
+    ))
+    .bind(bound)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut top = 0;
+    let mut keys = Vec::with_capacity(rows.len());
+    for row in &rows {
+        match key_entry(row)? {
+            Some(key) => keys.push(key),
+            None => top = row.try_get::<Option<i64>, _>("rowid")?.unwrap_or(0),
+        }
+    }
+    keys.sort_by_key(|(_, e)| e.rowid);
+    Ok((keys, top))
+}
+
+/// A `(rowid, dedupe_key, received_at)` row as a recent key; `None` for a
+/// row without a key (the highest-rowid row of [`stored_keys`]).
+fn key_entry(row: &SqliteRow) -> Result<Option<(String, Entry)>, StoreError> {
+    let Some(key) = row.try_get::<Option<String>, _>("dedupe_key")? else {
+        return Ok(None);
+    };
+    let entry = Entry {
+        rowid: row.try_get("rowid")?,
+        received_at: row.try_get("received_at")?,
+    };
+    Ok(Some((key, entry)))
 }
