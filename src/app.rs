@@ -1,6 +1,7 @@
 //! The application shell: wires the pipeline and spawns its tasks. Read
 //! [`start`] top to bottom to see the whole gateway.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,15 +78,19 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
     // store: migrated before anything is accepted.
     let store = Store::open(&config.store.url).await?;
 
-    // The embedded broker, when a source asks for one.
+    // The embedded broker, when a source asks for one; that source reads it
+    // over an in-process link.
     let mut brokers = Vec::new();
+    let mut links = HashMap::new();
     for mqtt in config.mqtt.iter().filter(|m| m.url.embedded) {
-        let broker = EmbeddedBroker::start(&mqtt.url.host, mqtt.url.port)
-            .await
-            .map_err(|source| AppError::Broker {
-                id: mqtt.id.clone(),
-                source,
-            })?;
+        let (broker, link) =
+            EmbeddedBroker::start_linked(&mqtt.url.host, mqtt.url.port, &mqtt.client_id)
+                .await
+                .map_err(|source| AppError::Broker {
+                    id: mqtt.id.clone(),
+                    source,
+                })?;
+        links.insert(mqtt.id.clone(), link);
         tracing::warn!(
             source = %mqtt.id,
             addr = %broker.addr,
@@ -129,13 +134,17 @@ pub async fn start(config: Config, clock: SharedClock) -> Result<Gateway, AppErr
     let sources = TaskTracker::new();
     let ready = Readiness::new(config.mqtt.len() + config.serial.len());
     for mqtt in &config.mqtt {
-        let source = Source::Mqtt(MqttSource::new(
+        let mut source = MqttSource::new(
             mqtt.clone(),
             ingest.clone(),
             table.clone(),
             clock.clone(),
             metrics.clone(),
-        ));
+        );
+        if let Some(link) = links.remove(&mqtt.id) {
+            source = source.with_link(link);
+        }
+        let source = Source::Mqtt(source);
         sources.spawn(source.run(ready.clone(), cancel.child_token()));
     }
     for serial in &config.serial {

@@ -4,11 +4,21 @@
 //! restart of the process. `Broker::start` blocks and binds from its config,
 //! so it runs on its own thread on an address picked beforehand;
 //! [`EmbeddedBroker::start`] returns once the port accepts connections.
+//!
+//! The gateway's own subscription does not go through a socket: it takes
+//! messages over rumqttd's in-process link ([`LocalLink`]), which hands them
+//! over without a PUBACK or a window of 100 unacknowledged messages (a
+//! constant in rumqttd that caps a subscriber at 100 messages per commit
+//! cycle). What the link has handed over lives in the same process as the
+//! broker's copy would, so the gateway holds each message until it is
+//! committed and takes it again when the commit fails, as the broker would
+//! send it again (see `source::mqtt`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
 
 /// Why the embedded broker did not come up.
@@ -20,12 +30,31 @@ pub enum BrokerError {
     NotListening { addr: SocketAddr, secs: u64 },
     #[error("cannot start the embedded broker thread: {0}")]
     Thread(std::io::Error),
+    #[error("the embedded broker refused the gateway's in-process link: {0}")]
+    Link(String),
 }
 
 /// A running in-process broker. It stops with the process.
 #[derive(Debug, Clone, Copy)]
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+}
+
+/// A connection to the embedded broker's router inside this process: it
+/// subscribes at QoS 0, so the router forwards without waiting for
+/// acknowledgements, and pauses when the link's buffer of 200 messages is
+/// full until the reader asks for more.
+pub struct LocalLink {
+    pub(crate) tx: LinkTx,
+    pub(crate) rx: LinkRx,
+}
+
+impl std::fmt::Debug for LocalLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalLink")
+            .field("connection", &self.rx.id())
+            .finish()
+    }
 }
 
 /// The largest MQTT packet the embedded broker accepts, in bytes. Larger than
@@ -39,21 +68,57 @@ impl EmbeddedBroker {
     /// # Errors
     /// When the address does not resolve or nothing listens within 10 s.
     pub async fn start(host: &str, port: u16) -> Result<EmbeddedBroker, BrokerError> {
+        Ok(EmbeddedBroker::launch(host, port, None).await?.0)
+    }
+
+    /// Starts rumqttd like [`EmbeddedBroker::start`], with an in-process
+    /// link for the client `client_id`.
+    ///
+    /// # Errors
+    /// As [`EmbeddedBroker::start`], and when the router refuses the link.
+    pub async fn start_linked(
+        host: &str,
+        port: u16,
+        client_id: &str,
+    ) -> Result<(EmbeddedBroker, LocalLink), BrokerError> {
+        let (broker, link) = EmbeddedBroker::launch(host, port, Some(client_id.to_owned())).await?;
+        let link = link.ok_or_else(|| BrokerError::Link("the broker thread ended".into()))?;
+        Ok((broker, link))
+    }
+
+    async fn launch(
+        host: &str,
+        port: u16,
+        link_for: Option<String>,
+    ) -> Result<(EmbeddedBroker, Option<LocalLink>), BrokerError> {
         let addr = tokio::net::lookup_host((host, port))
             .await
             .ok()
             .and_then(|mut addrs| addrs.next())
             .ok_or_else(|| BrokerError::Address(format!("{host}:{port}")))?;
         let config = broker_config(addr);
+        let (link_tx, link_rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || {
+                // The router runs from here on; a link needs only the router.
                 let mut broker = rumqttd::Broker::new(config);
+                if let Some(client_id) = link_for {
+                    let link = broker
+                        .link(&client_id)
+                        .map(|(tx, rx)| LocalLink { tx, rx })
+                        .map_err(|e| BrokerError::Link(e.to_string()));
+                    let _ = link_tx.send(link);
+                }
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, %addr, "embedded broker stopped");
                 }
             })
             .map_err(BrokerError::Thread)?;
+        let link = match link_rx.await {
+            Ok(link) => Some(link?),
+            Err(_) => None,
+        };
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tokio::net::TcpStream::connect(addr).await.is_err() {
             if tokio::time::Instant::now() > deadline {
@@ -62,7 +127,7 @@ impl EmbeddedBroker {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         nodelay_on_listener(addr);
-        Ok(EmbeddedBroker { addr })
+        Ok((EmbeddedBroker { addr }, link))
     }
 }
 

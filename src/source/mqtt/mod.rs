@@ -19,6 +19,14 @@
 //! The broker keeps the unacknowledged messages in the persistent session and
 //! sends them again after the reconnect (and devices re-send anyway).
 //!
+//! With the embedded broker, the poller reads the broker's router over an
+//! in-process link instead of a socket ([`LocalLink`]): no PUBACKs and no
+//! window of 100 unacknowledged messages. The message a link handed over is
+//! in this process's memory, as the broker's copy would be, so the gateway
+//! keeps it until its commit: a message whose commit failed goes back to the
+//! poller, which takes it again after a back-off, as the broker would send
+//! it again after a reconnect.
+//!
 //! Every connection gets a fresh client, so a PUBACK meant for one
 //! connection can never be sent on the next one, where packet ids restart.
 //!
@@ -30,6 +38,7 @@
 mod gaps;
 pub mod payload;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,6 +47,7 @@ use rumqttc::{
     AsyncClient, ConnAck, ConnectReturnCode, Event, EventLoop, MqttOptions, Outgoing, Packet,
     Publish, QoS, SubscribeFilter,
 };
+use rumqttd::Notification;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -45,6 +55,7 @@ use self::payload::{
     ack_topic, normalise, parse_alarm, parse_heartbeat, parse_topic, RejectReason, Rejection,
     Reply, TopicKind,
 };
+use crate::broker::LocalLink;
 use crate::clock::SharedClock;
 use crate::config::MqttConfig;
 use crate::events;
@@ -74,6 +85,8 @@ pub struct MqttSource {
     table: Arc<CodeTable>,
     clock: SharedClock,
     metrics: Arc<Metrics>,
+    /// The embedded broker's in-process link, read instead of a socket.
+    link: Option<LocalLink>,
 }
 
 /// What the acknowledger must wait for before acknowledging a message.
@@ -94,11 +107,20 @@ enum Work {
     },
 }
 
+/// How a message is acknowledged once its work has committed.
+enum Acker {
+    /// A PUBACK on the connection it came on.
+    Puback(AsyncClient),
+    /// Nothing to send (it came over the in-process link); when the commit
+    /// fails, it goes back to the poller to be taken again.
+    Held,
+}
+
 enum Ticket {
     Message {
         /// Which connection the message came on.
         epoch: u64,
-        client: AsyncClient,
+        acker: Acker,
         publish: Publish,
         work: Work,
     },
@@ -126,17 +148,33 @@ impl MqttSource {
             table,
             clock,
             metrics,
+            link: None,
         }
+    }
+
+    /// Reads the embedded broker over `link` instead of a socket.
+    #[must_use]
+    pub fn with_link(mut self, link: LocalLink) -> MqttSource {
+        self.link = Some(link);
+        self
     }
 
     /// Runs until `cancel` fires, then acknowledges what was committed and
     /// stops.
-    pub async fn run(self, ready: Readiness, cancel: CancellationToken) {
+    pub async fn run(mut self, ready: Readiness, cancel: CancellationToken) {
         let (ticket_tx, ticket_rx) = mpsc::channel(MAX_OUTSTANDING);
         let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
         let (failed_tx, failed_rx) = watch::channel(0u64);
+        let (retake_tx, retake_rx) = mpsc::unbounded_channel();
+        let retakes = Arc::new(AtomicU32::new(0));
+        let link = self.link.take();
         let replier = run_replier(self.options(true), reply_rx, self.config.id.clone());
-        let acker = run_acknowledger(ticket_rx, reply_tx, failed_tx);
+        let failures = Failures {
+            epoch: failed_tx,
+            retake: retake_tx,
+            retakes: retakes.clone(),
+        };
+        let acker = run_acknowledger(ticket_rx, reply_tx, failures);
         let poller = Poller {
             source: &self,
             faults: FaultLimiter::default(),
@@ -145,8 +183,17 @@ impl MqttSource {
             seqs: gaps::SeqTracker::default(),
             gap_logged: None,
             ready: Some(ready),
-        }
-        .run(ticket_tx, failed_rx, cancel);
+        };
+        let poller = async {
+            match link {
+                Some(link) => {
+                    poller
+                        .run_linked(link, ticket_tx, retake_rx, &retakes, cancel)
+                        .await;
+                }
+                None => poller.run(ticket_tx, failed_rx, cancel).await,
+            }
+        };
         tokio::join!(poller, acker, replier);
         tracing::info!(source = %self.config.id, "MQTT source stopped");
     }
@@ -178,18 +225,34 @@ impl MqttSource {
     }
 
     fn filters(&self) -> Vec<SubscribeFilter> {
+        self.filter_paths()
+            .into_iter()
+            .map(|path| SubscribeFilter::new(path, QoS::AtLeastOnce))
+            .collect()
+    }
+
+    fn filter_paths(&self) -> Vec<String> {
         ["alarm", "heartbeat", "status"]
             .into_iter()
             .map(|kind| {
                 let topic = format!("telecare/+/+/{kind}");
-                let path = match &self.config.shared_group {
+                match &self.config.shared_group {
                     Some(group) => format!("$share/{group}/{topic}"),
                     None => topic,
-                };
-                SubscribeFilter::new(path, QoS::AtLeastOnce)
+                }
             })
             .collect()
     }
+}
+
+/// How the acknowledger reports a commit that failed.
+struct Failures {
+    /// The connection whose messages must not be acknowledged any more.
+    epoch: watch::Sender<u64>,
+    /// Messages from the in-process link, to be taken again.
+    retake: mpsc::UnboundedSender<Publish>,
+    /// Rounds of messages taken again since a commit last succeeded.
+    retakes: Arc<AtomicU32>,
 }
 
 struct Poller<'a> {
@@ -284,14 +347,8 @@ impl Poller<'_> {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let work = self.handle(&publish).await;
-                    let ticket = Ticket::Message {
-                        epoch: self.epoch,
-                        client: client.clone(),
-                        publish,
-                        work,
-                    };
-                    if tickets.send(ticket).await.is_err() {
+                    let acker = Acker::Puback(client.clone());
+                    if !self.take(publish, acker, tickets).await {
                         return Ended::Shutdown;
                     }
                 }
@@ -303,6 +360,102 @@ impl Poller<'_> {
                 Err(e) => return Ended::Lost(e.to_string()),
             }
         }
+    }
+
+    /// Hands one message to ingest and its ticket to the acknowledger;
+    /// false once the acknowledger has stopped.
+    async fn take(
+        &mut self,
+        publish: Publish,
+        acker: Acker,
+        tickets: &mpsc::Sender<Ticket>,
+    ) -> bool {
+        let work = self.handle(&publish).await;
+        let ticket = Ticket::Message {
+            epoch: self.epoch,
+            acker,
+            publish,
+            work,
+        };
+        tickets.send(ticket).await.is_ok()
+    }
+
+    /// Reads the embedded broker over its in-process link until `cancel`
+    /// fires. Messages whose commit failed come back on `retake` and are
+    /// taken again after a back-off that grows while commits keep failing.
+    async fn run_linked(
+        mut self,
+        link: LocalLink,
+        tickets: mpsc::Sender<Ticket>,
+        mut retake: mpsc::UnboundedReceiver<Publish>,
+        retakes: &AtomicU32,
+        cancel: CancellationToken,
+    ) {
+        let id = self.source.config.id.clone();
+        let LocalLink { mut tx, mut rx } = link;
+        let filters = self.source.filter_paths();
+        let mut unacknowledged = filters.len();
+        for filter in filters {
+            if let Err(e) = tx.subscribe(filter) {
+                tracing::error!(source = %id, error = %e, "cannot subscribe on the embedded broker; this source takes no messages");
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                Some(first) = retake.recv() => {
+                    let rounds = retakes.fetch_add(1, Ordering::Relaxed).min(7);
+                    let wait = (Duration::from_millis(100) * 2u32.pow(rounds))
+                        .min(Duration::from_secs(10));
+                    tracing::warn!(source = %id, retry_in_ms = wait.as_millis() as u64, "store commit failed; taking the messages again");
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    let mut again = vec![first];
+                    while let Ok(publish) = retake.try_recv() {
+                        again.push(publish);
+                    }
+                    for publish in again {
+                        if !self.take(publish, Acker::Held, &tickets).await {
+                            return;
+                        }
+                    }
+                }
+                next = rx.next() => match next {
+                    Ok(Some(Notification::Forward(forward))) => {
+                        let publish = from_link(forward.publish);
+                        if !self.take(publish, Acker::Held, &tickets).await {
+                            return;
+                        }
+                    }
+                    // The only acknowledgements the link gets: SUBACKs.
+                    Ok(Some(Notification::DeviceAck(_))) => {
+                        unacknowledged = unacknowledged.saturating_sub(1);
+                        if unacknowledged == 0 {
+                            tracing::info!(source = %id, "subscribed on the embedded broker over its in-process link");
+                            self.report_ready();
+                        }
+                    }
+                    // The router paused until what it handed over is taken:
+                    // it has been.
+                    Ok(Some(Notification::Unschedule)) => {
+                        if let Err(e) = rx.wake().await {
+                            tracing::error!(source = %id, error = %e, "the embedded broker stopped; this source takes no more messages");
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::error!(source = %id, error = %e, "the embedded broker stopped; this source takes no more messages");
+                        break;
+                    }
+                },
+            }
+        }
+        flush(&tickets).await;
     }
 
     fn report_ready(&mut self) {
@@ -320,12 +473,8 @@ impl Poller<'_> {
         eventloop: &mut EventLoop,
         tickets: &mpsc::Sender<Ticket>,
     ) {
-        let (done_tx, done_rx) = oneshot::channel();
-        if tickets.send(Ticket::Flush(done_tx)).await.is_err() {
-            return;
-        }
         let flush = async {
-            let _ = done_rx.await;
+            flush(tickets).await;
             let _ = client.try_disconnect();
         };
         let pump = async {
@@ -543,26 +692,35 @@ impl Poller<'_> {
     }
 }
 
+/// Waits until the acknowledger has handled every ticket sent so far.
+async fn flush(tickets: &mpsc::Sender<Ticket>) {
+    let (done_tx, done_rx) = oneshot::channel();
+    if tickets.send(Ticket::Flush(done_tx)).await.is_ok() {
+        let _ = done_rx.await;
+    }
+}
+
 /// Acknowledges messages in arrival order once their work has committed.
 async fn run_acknowledger(
     mut tickets: mpsc::Receiver<Ticket>,
     replies: mpsc::Sender<(String, Reply)>,
-    failed: watch::Sender<u64>,
+    failures: Failures,
 ) {
     let mut failed_epoch = 0u64;
     while let Some(ticket) = tickets.recv().await {
-        let (epoch, client, publish, work) = match ticket {
+        let (epoch, acker, publish, work) = match ticket {
             Ticket::Flush(done) => {
                 let _ = done.send(());
                 continue;
             }
             Ticket::Message {
                 epoch,
-                client,
+                acker,
                 publish,
                 work,
-            } => (epoch, client, publish, work),
+            } => (epoch, acker, publish, work),
         };
+        let writes = !matches!(work, Work::Nothing);
         let (committed, reply) = match work {
             Work::Nothing => (true, None),
             Work::Alarm {
@@ -585,17 +743,30 @@ async fn run_acknowledger(
             },
         };
         if !committed {
-            // Acknowledge nothing more on this connection: the broker must
-            // send this message again, and PUBACKs must stay in order.
-            if failed_epoch != epoch {
-                failed_epoch = epoch;
-                let _ = failed.send(epoch);
+            match acker {
+                // Acknowledge nothing more on this connection: the broker
+                // must send this message again, and PUBACKs must stay in
+                // order.
+                Acker::Puback(_) => {
+                    if failed_epoch != epoch {
+                        failed_epoch = epoch;
+                        let _ = failures.epoch.send(epoch);
+                    }
+                }
+                Acker::Held => {
+                    let _ = failures.retake.send(publish);
+                }
             }
             continue;
         }
-        if epoch != failed_epoch {
-            // Fails only when the connection is gone; the broker re-sends.
-            let _ = client.ack(&publish).await;
+        if writes {
+            failures.retakes.store(0, Ordering::Relaxed);
+        }
+        if let Acker::Puback(client) = acker {
+            if epoch != failed_epoch {
+                // Fails only when the connection is gone; the broker re-sends.
+                let _ = client.ack(&publish).await;
+            }
         }
         if let Some(reply) = reply {
             if replies.send(reply).await.is_err() {
@@ -603,6 +774,16 @@ async fn run_acknowledger(
             }
         }
     }
+}
+
+/// A message from the in-process link as the MQTT client would have read it.
+/// The router has checked that the topic is UTF-8 before storing it.
+fn from_link(publish: rumqttd::protocol::Publish) -> Publish {
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+    let mut message = Publish::new(topic, QoS::AtLeastOnce, Vec::new());
+    message.retain = publish.retain;
+    message.payload = publish.payload;
+    message
 }
 
 /// An MQTT client whose small packets go out at once. Without
