@@ -162,7 +162,8 @@ impl Store {
         let chain = provider.map(|p| serde_json::json!([p]).to_string());
         let updated = match self {
             Store::Sqlite(s) => {
-                let (_turn, mut tx) = s.write_tx().await?;
+                let mut turn = s.write_turn().await;
+                let (_, mut tx) = turn.begin().await?;
                 let done = sqlx::query(
                     "UPDATE outbox SET state = 'pending', chain = COALESCE(?, chain), position = 0, \
                      rejected = '[]', exhausted = 0, provider_attempts = 0, stored_at = ?, due_at = ?, \
@@ -238,7 +239,8 @@ impl Store {
     ) -> Result<Pruned, StoreError> {
         match self {
             Store::Sqlite(s) => {
-                let (_turn, mut tx) = s.write_tx().await?;
+                let mut turn = s.write_turn().await;
+                let (_, mut tx) = turn.begin().await?;
                 let ids: Vec<String> = sqlx::query_scalar(
                     "SELECT a.id FROM alarms a JOIN outbox o ON o.alarm_id = a.id \
                      WHERE o.state = 'delivered' AND a.received_at < ? LIMIT ?",

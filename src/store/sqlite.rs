@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::recent::{Entry, RecentKeys};
@@ -38,26 +38,92 @@ const OUTBOX_COLUMNS: usize = 10;
 const STAGE_COLUMNS: usize = 5;
 const OUTCOME_COLUMNS: usize = 10;
 
-/// An SQLite database behind a connection pool.
+/// An SQLite database: a pool of connections for reading, and one
+/// connection that every write of this process goes through.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
-    /// One connection with `synchronous=NORMAL`, for the writes that may be
-    /// lost in a power cut without breaking a guarantee: delivery outcomes.
-    /// Such a commit is not flushed to disk by itself but by the next
-    /// flushed commit (the WAL is written in order); lost, it means an alarm
-    /// is delivered again under the same id.
-    relaxed: SqlitePool,
     /// Writers of this process take turns here. SQLite allows one writer at
     /// a time; a connection that finds the file locked sleeps in growing
     /// steps (1, 2, 5, 10 ms, …) before it tries again, whereas a queue
     /// hands the turn on the moment the previous writer is done.
-    writer: Arc<Mutex<RecentKeys>>,
+    writer: Arc<Mutex<Writer>>,
 }
 
-/// A turn at writing; see [`SqliteStore::write_turn`]. It carries the
+/// What a turn at writing holds: the connection writes go through and the
 /// recent dedupe keys, which only a writer may read or change.
-pub(super) type WriteTurn = OwnedMutexGuard<RecentKeys>;
+///
+/// One connection for every write keeps SQLite's page cache: in WAL mode a
+/// connection drops its whole cache when it finds that another connection
+/// has written since its last transaction, so writers that alternate between
+/// connections each start cold.
+#[derive(Debug)]
+pub(super) struct Writer {
+    pub(super) recent: RecentKeys,
+    conn: Option<SqliteConnection>,
+    /// Set when a transaction could not begin: the connection is opened
+    /// again for the next turn.
+    broken: bool,
+    options: SqliteConnectOptions,
+}
+
+/// A turn at writing; see [`SqliteStore::write_turn`].
+pub(super) type WriteTurn = OwnedMutexGuard<Writer>;
+
+impl Writer {
+    /// A write transaction on the writer's connection, and the recent keys.
+    /// `BEGIN IMMEDIATE` takes the write lock up front: a deferred
+    /// transaction that reads first and writes later fails at once with
+    /// SQLITE_BUSY when another process wrote in between, and the busy
+    /// timeout cannot help it.
+    pub(super) async fn begin(
+        &mut self,
+    ) -> Result<(&mut RecentKeys, sqlx::Transaction<'_, Sqlite>), StoreError> {
+        let Writer {
+            recent,
+            conn,
+            broken,
+            options,
+        } = self;
+        let conn = open(conn, broken, options).await?;
+        match conn.begin_with("BEGIN IMMEDIATE").await {
+            Ok(tx) => Ok((recent, tx)),
+            Err(e) => {
+                *broken = true;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// The writer's connection for a single statement outside a transaction.
+    async fn conn(&mut self) -> Result<&mut SqliteConnection, StoreError> {
+        open(&mut self.conn, &mut self.broken, &self.options).await
+    }
+
+    async fn close(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+/// The writer's connection, opened again when it was marked broken or is
+/// missing.
+async fn open<'c>(
+    conn: &'c mut Option<SqliteConnection>,
+    broken: &mut bool,
+    options: &SqliteConnectOptions,
+) -> Result<&'c mut SqliteConnection, StoreError> {
+    if std::mem::take(broken) {
+        if let Some(old) = conn.take() {
+            let _ = old.close().await;
+        }
+    }
+    Ok(match conn {
+        Some(c) => c,
+        slot @ None => slot.insert(SqliteConnection::connect_with(options).await?),
+    })
+}
 
 impl SqliteStore {
     /// The connection pool, for the operator queries of `admin.rs`.
@@ -89,15 +155,15 @@ impl SqliteStore {
             .connect_with(options.clone())
             .await?;
         sqlx::migrate!("./migrations/sqlite").run(&pool).await?;
-        let relaxed = SqlitePoolOptions::new()
-            .max_connections(1)
-            .test_before_acquire(false)
-            .connect_with(options.synchronous(SqliteSynchronous::Normal))
-            .await?;
+        let conn = SqliteConnection::connect_with(&options).await?;
         Ok(SqliteStore {
             pool,
-            relaxed,
-            writer: Arc::new(Mutex::new(RecentKeys::default())),
+            writer: Arc::new(Mutex::new(Writer {
+                recent: RecentKeys::default(),
+                conn: Some(conn),
+                broken: false,
+                options,
+            })),
         })
     }
 
@@ -107,26 +173,6 @@ impl SqliteStore {
         self.writer.clone().lock_owned().await
     }
 
-    /// A write transaction. `BEGIN IMMEDIATE` takes the write lock up front:
-    /// a deferred transaction that reads first and writes later fails at
-    /// once with SQLITE_BUSY when another connection (the dispatcher, the
-    /// API) wrote in between, and the busy timeout cannot help it.
-    pub(super) async fn write_tx(
-        &self,
-    ) -> Result<(WriteTurn, sqlx::Transaction<'static, Sqlite>), StoreError> {
-        let turn = self.write_turn().await;
-        Ok((turn, self.pool.begin_with("BEGIN IMMEDIATE").await?))
-    }
-
-    /// A write transaction whose commit is not flushed to disk by itself
-    /// (see `relaxed`).
-    async fn relaxed_tx(
-        &self,
-    ) -> Result<(WriteTurn, sqlx::Transaction<'static, Sqlite>), StoreError> {
-        let turn = self.write_turn().await;
-        Ok((turn, self.relaxed.begin_with("BEGIN IMMEDIATE").await?))
-    }
-
     pub(super) async fn commit_batch(
         &self,
         batch: &Batch,
@@ -134,8 +180,9 @@ impl SqliteStore {
         dedupe_since: DateTime<Utc>,
     ) -> Result<Vec<AlarmOutcome>, StoreError> {
         let since_ms = to_millis(dedupe_since);
-        let (mut recent, mut tx) = self.write_tx().await?;
-        catch_up(&mut recent, &mut tx, since_ms).await?;
+        let mut turn = self.write_turn().await;
+        let (recent, mut tx) = turn.begin().await?;
+        catch_up(recent, &mut tx, since_ms).await?;
         recent.expire(since_ms);
 
         // Which keys are already stored within the window? The set names
@@ -389,12 +436,12 @@ impl SqliteStore {
     }
 
     pub(super) async fn release_leases(&self, owner: &str) -> Result<u64, StoreError> {
-        let _turn = self.write_turn().await;
+        let mut turn = self.write_turn().await;
         let done = sqlx::query(
             "UPDATE outbox SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = ?",
         )
         .bind(owner)
-        .execute(&self.pool)
+        .execute(turn.conn().await?)
         .await?;
         Ok(done.rows_affected())
     }
@@ -407,7 +454,7 @@ impl SqliteStore {
         limit: usize,
     ) -> Result<Vec<Claimed>, StoreError> {
         let now_ms = to_millis(now);
-        let turn = self.write_turn().await;
+        let mut turn = self.write_turn().await;
         let rows = sqlx::query(
             "UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE alarm_id IN ( \
                  SELECT alarm_id FROM outbox WHERE state = 'pending' AND due_at <= ? \
@@ -421,7 +468,7 @@ impl SqliteStore {
         .bind(now_ms)
         .bind(now_ms)
         .bind(i64::try_from(limit).unwrap_or(i64::MAX))
-        .fetch_all(&self.pool)
+        .fetch_all(turn.conn().await?)
         .await?;
         drop(turn);
         if rows.is_empty() {
@@ -473,7 +520,8 @@ impl SqliteStore {
         if records.is_empty() {
             return Ok(());
         }
-        let (_turn, mut tx) = self.relaxed_tx().await?;
+        let mut turn = self.write_turn().await;
+        let (_, mut tx) = turn.begin().await?;
         // Stage rows: the attempt, then an acceptance or a dead letter.
         let mut stages: Vec<(String, &'static str, i64, Option<&str>, &str)> = Vec::new();
         for r in records {
@@ -602,7 +650,8 @@ impl SqliteStore {
         report: &ProgressReport,
     ) -> Result<ProgressResult, StoreError> {
         let id = report.alarm_id.to_string();
-        let (_turn, mut tx) = self.write_tx().await?;
+        let mut turn = self.write_turn().await;
+        let (_, mut tx) = turn.begin().await?;
         let states: Vec<String> = sqlx::query_scalar(
             "SELECT stage FROM alarm_stages WHERE alarm_id = ? AND stage IN ('answered', 'resolved')",
         )
@@ -673,7 +722,7 @@ impl SqliteStore {
     }
 
     pub(super) async fn close(&self) {
-        self.relaxed.close().await;
+        self.writer.lock().await.close().await;
         self.pool.close().await;
     }
 }
@@ -684,7 +733,7 @@ impl SqliteStore {
 /// rowid have gone down (the newest rows deleted), the set is loaded again.
 async fn catch_up(
     recent: &mut RecentKeys,
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
     since_ms: i64,
 ) -> Result<(), StoreError> {
     if let Some(seen) = recent.seen() {
@@ -709,7 +758,7 @@ async fn catch_up(
 /// The keys of the alarms that `filter` (one `?`, bound to `bound`)
 /// selects, in rowid order, and the table's highest rowid (0 when empty).
 async fn stored_keys(
-    tx: &mut sqlx::Transaction<'static, Sqlite>,
+    tx: &mut sqlx::Transaction<'_, Sqlite>,
     filter: &'static str,
     bound: i64,
 ) -> Result<(Vec<(String, Entry)>, i64), StoreError> {
