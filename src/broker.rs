@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 
 /// Why the embedded broker did not come up.
 #[derive(Debug, thiserror::Error)]
@@ -199,12 +199,23 @@ fn broker_config(addr: SocketAddr) -> Config {
         router: RouterConfig {
             max_connections: 10_010,
             max_outgoing_packet_count: 200,
+            // rumqttd keeps every message in its filter's log, read or not,
+            // until the log passes its limit and drops its oldest segment.
             // Each filter's log holds at most 10 segments of 4 MiB (about
-            // 200,000 alarms of 200 bytes, half a minute at full load)
-            // before the oldest is dropped; larger segments only cost memory.
+            // 200,000 alarms of 200 bytes, half a minute at full load);
+            // larger segments only cost memory.
             max_segment_size: 4 * 1024 * 1024,
             max_segment_count: 10,
-            custom_segment: None,
+            // Each device's reply topic has a log of its own that only
+            // grows by a reply at a time, so at 40 MiB it would keep every
+            // reply ever sent: two segments of 4 KiB keep about the last 50.
+            custom_segment: Some(HashMap::from([(
+                "telecare/+/+/ack".to_owned(),
+                SegmentConfig {
+                    max_segment_size: 4 * 1024,
+                    max_segment_count: 2,
+                },
+            )])),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),
         },
