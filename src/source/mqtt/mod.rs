@@ -424,35 +424,35 @@ impl Poller<'_> {
                         }
                     }
                 }
-                next = rx.next() => match next {
-                    Ok(Some(Notification::Forward(forward))) => {
-                        let publish = from_link(forward.publish);
-                        if !self.take(publish, Acker::Held, &tickets).await {
-                            return;
+                next = rx.next() => {
+                    let handled = match next {
+                        Ok(Some(Notification::Forward(forward))) => {
+                            let publish = from_link(forward.publish);
+                            if !self.take(publish, Acker::Held, &tickets).await {
+                                return;
+                            }
+                            Ok(())
                         }
-                    }
-                    // The only acknowledgements the link gets: SUBACKs.
-                    Ok(Some(Notification::DeviceAck(_))) => {
-                        unacknowledged = unacknowledged.saturating_sub(1);
-                        if unacknowledged == 0 {
-                            tracing::info!(source = %id, "subscribed on the embedded broker over its in-process link");
-                            self.report_ready();
+                        // The only acknowledgements the link gets: SUBACKs.
+                        Ok(Some(Notification::DeviceAck(_))) => {
+                            unacknowledged = unacknowledged.saturating_sub(1);
+                            if unacknowledged == 0 {
+                                tracing::info!(source = %id, "subscribed on the embedded broker over its in-process link");
+                                self.report_ready();
+                            }
+                            Ok(())
                         }
-                    }
-                    // The router paused until what it handed over is taken:
-                    // it has been.
-                    Ok(Some(Notification::Unschedule)) => {
-                        if let Err(e) = rx.wake().await {
-                            tracing::error!(source = %id, error = %e, "the embedded broker stopped; this source takes no more messages");
-                            break;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
+                        // The router paused until what it handed over is
+                        // taken: it has been.
+                        Ok(Some(Notification::Unschedule)) => rx.wake().await,
+                        Ok(_) => Ok(()),
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = handled {
                         tracing::error!(source = %id, error = %e, "the embedded broker stopped; this source takes no more messages");
                         break;
                     }
-                },
+                }
             }
         }
         flush(&tickets).await;
