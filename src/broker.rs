@@ -103,12 +103,17 @@ impl EmbeddedBroker {
             .spawn(move || {
                 // The router runs from here on; a link needs only the router.
                 let mut broker = rumqttd::Broker::new(config);
-                if let Some(client_id) = link_for {
-                    let link = broker
-                        .link(&client_id)
-                        .map(|(tx, rx)| LocalLink { tx, rx })
-                        .map_err(|e| BrokerError::Link(e.to_string()));
-                    let _ = link_tx.send(link);
+                match link_for {
+                    Some(client_id) => {
+                        let link = broker
+                            .link(&client_id)
+                            .map(|(tx, rx)| LocalLink { tx, rx })
+                            .map_err(|e| BrokerError::Link(e.to_string()));
+                        let _ = link_tx.send(link);
+                    }
+                    // Nothing to send: dropping the sender says so, and
+                    // `launch` goes on to wait for the port.
+                    None => drop(link_tx),
                 }
                 if let Err(e) = broker.start() {
                     tracing::error!(error = %e, %addr, "embedded broker stopped");

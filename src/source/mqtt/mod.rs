@@ -30,10 +30,17 @@
 //! Every connection gets a fresh client, so a PUBACK meant for one
 //! connection can never be sent on the next one, where packet ids restart.
 //!
-//! Queues: the ticket and request channels hold up to 65,535 entries, the
-//! most packet ids a connection can have outstanding, so neither can fill
-//! and block the poller; back-pressure comes from the bounded ingest queue,
-//! which makes the poller stop reading until the store catches up.
+//! Queues: the poller must never wait for the acknowledger. The
+//! acknowledger's PUBACKs go out through the connection's request channel,
+//! which only the poller's polling drains; a poller waiting for room in a
+//! full ticket queue while the acknowledger waits for room in a full request
+//! channel would stop both for good, and the broker would drop the silent
+//! connection. So tickets are unbounded: what bounds them is the broker's
+//! window of unacknowledged messages and the bounded ingest queue, the one
+//! place where the poller waits (and stops reading) until the store catches
+//! up. A broker does not always keep to its window (Mosquitto, configured
+//! for 1,000, was seen with over 100,000 unacknowledged messages out while
+//! PUBACKs lagged behind a flood), so no channel size can rule that stall out.
 
 mod gaps;
 pub mod payload;
@@ -67,8 +74,8 @@ use crate::source::Readiness;
 use crate::store::QuarantineEntry;
 use crate::taxonomy::CodeTable;
 
-/// Outstanding packet ids a connection can have: the bound of the ticket and
-/// request channels.
+/// Requests (PUBACKs) waiting for the subscribing connection to send them:
+/// the most packet ids a connection can have outstanding.
 const MAX_OUTSTANDING: usize = 65_535;
 /// Largest packet read or written; above the payload limit so that an
 /// oversized payload is rejected with a reason instead of dropping the link.
@@ -87,6 +94,8 @@ pub struct MqttSource {
     metrics: Arc<Metrics>,
     /// The embedded broker's in-process link, read instead of a socket.
     link: Option<LocalLink>,
+    /// Capacity of the subscribing connection's request channel.
+    requests: usize,
 }
 
 /// What the acknowledger must wait for before acknowledging a message.
@@ -149,6 +158,7 @@ impl MqttSource {
             clock,
             metrics,
             link: None,
+            requests: MAX_OUTSTANDING,
         }
     }
 
@@ -162,7 +172,7 @@ impl MqttSource {
     /// Runs until `cancel` fires, then acknowledges what was committed and
     /// stops.
     pub async fn run(mut self, ready: Readiness, cancel: CancellationToken) {
-        let (ticket_tx, ticket_rx) = mpsc::channel(MAX_OUTSTANDING);
+        let (ticket_tx, ticket_rx) = mpsc::unbounded_channel();
         let (reply_tx, reply_rx) = mpsc::channel(REPLY_QUEUE);
         let (failed_tx, failed_rx) = watch::channel(0u64);
         let (retake_tx, retake_rx) = mpsc::unbounded_channel();
@@ -275,14 +285,14 @@ struct Poller<'a> {
 impl Poller<'_> {
     async fn run(
         mut self,
-        tickets: mpsc::Sender<Ticket>,
+        tickets: mpsc::UnboundedSender<Ticket>,
         mut failed: watch::Receiver<u64>,
         cancel: CancellationToken,
     ) {
         let id = self.source.config.id.clone();
         loop {
             self.epoch += 1;
-            let (client, mut eventloop) = client(self.source.options(false), MAX_OUTSTANDING);
+            let (client, mut eventloop) = client(self.source.options(false), self.source.requests);
             let ended = self
                 .connection(&client, &mut eventloop, &tickets, &mut failed, &cancel)
                 .await;
@@ -308,7 +318,7 @@ impl Poller<'_> {
         &mut self,
         client: &AsyncClient,
         eventloop: &mut EventLoop,
-        tickets: &mpsc::Sender<Ticket>,
+        tickets: &mpsc::UnboundedSender<Ticket>,
         failed: &mut watch::Receiver<u64>,
         cancel: &CancellationToken,
     ) -> Ended {
@@ -368,7 +378,7 @@ impl Poller<'_> {
         &mut self,
         publish: Publish,
         acker: Acker,
-        tickets: &mpsc::Sender<Ticket>,
+        tickets: &mpsc::UnboundedSender<Ticket>,
     ) -> bool {
         let work = self.handle(&publish).await;
         let ticket = Ticket::Message {
@@ -377,7 +387,7 @@ impl Poller<'_> {
             publish,
             work,
         };
-        tickets.send(ticket).await.is_ok()
+        tickets.send(ticket).is_ok()
     }
 
     /// Reads the embedded broker over its in-process link until `cancel`
@@ -386,7 +396,7 @@ impl Poller<'_> {
     async fn run_linked(
         mut self,
         link: LocalLink,
-        tickets: mpsc::Sender<Ticket>,
+        tickets: mpsc::UnboundedSender<Ticket>,
         mut retake: mpsc::UnboundedReceiver<Publish>,
         retakes: &AtomicU32,
         cancel: CancellationToken,
@@ -471,7 +481,7 @@ impl Poller<'_> {
         &self,
         client: &AsyncClient,
         eventloop: &mut EventLoop,
-        tickets: &mpsc::Sender<Ticket>,
+        tickets: &mpsc::UnboundedSender<Ticket>,
     ) {
         let flush = async {
             flush(tickets).await;
@@ -693,16 +703,16 @@ impl Poller<'_> {
 }
 
 /// Waits until the acknowledger has handled every ticket sent so far.
-async fn flush(tickets: &mpsc::Sender<Ticket>) {
+async fn flush(tickets: &mpsc::UnboundedSender<Ticket>) {
     let (done_tx, done_rx) = oneshot::channel();
-    if tickets.send(Ticket::Flush(done_tx)).await.is_ok() {
+    if tickets.send(Ticket::Flush(done_tx)).is_ok() {
         let _ = done_rx.await;
     }
 }
 
 /// Acknowledges messages in arrival order once their work has committed.
 async fn run_acknowledger(
-    mut tickets: mpsc::Receiver<Ticket>,
+    mut tickets: mpsc::UnboundedReceiver<Ticket>,
     replies: mpsc::Sender<(String, Reply)>,
     failures: Failures,
 ) {
@@ -841,4 +851,98 @@ async fn run_replier(
         }
     };
     tokio::join!(publisher, poller);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::{free_port, EmbeddedBroker};
+    use crate::config::Config;
+    use crate::route::Router;
+    use crate::store::Store;
+
+    /// PUBACKs that queue up faster than the connection sends them (here a
+    /// request channel of two, against the broker's window of 100) must not
+    /// stop the source: every alarm of a flood is stored.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flood_with_lagging_pubacks_does_not_stall_the_source() {
+        const ALARMS: usize = 3_000;
+        let port = free_port().expect("free port");
+        let _broker = EmbeddedBroker::start("127.0.0.1", port)
+            .await
+            .expect("broker starts");
+        let dir = tempfile::tempdir().expect("temp dir");
+        let toml = format!(
+            "[store]\nurl = \"sqlite://{}\"\n\n[[mqtt]]\nid = \"devices\"\n\
+             url = \"mqtt://127.0.0.1:{port}\"\nclient_id = \"flood\"\n\n\
+             [[provider]]\nid = \"arc\"\nurl = \"http://127.0.0.1:9/alarms\"\n\
+             secret = \"s\"\ntoken = \"t\"\n\n[routing]\ndefault_provider = \"arc\"\n",
+            dir.path().join("flood.db").display()
+        );
+        let config = Config::from_toml_str(&toml, "flood.toml", &|_| None).expect("config");
+        let store = Store::open(&config.store.url).await.expect("store");
+        let metrics = Arc::new(Metrics::default());
+        let clock = crate::clock::system();
+        let (ingest, writer) = crate::ingest::channel(
+            store.clone(),
+            config.ingest.clone(),
+            Arc::new(Router::new(&config)),
+            clock.clone(),
+            metrics.clone(),
+            None,
+        );
+        let writer = tokio::spawn(writer.run());
+        let mut source = MqttSource::new(
+            config.mqtt[0].clone(),
+            ingest,
+            Arc::new(CodeTable::default()),
+            clock,
+            metrics,
+        );
+        source.requests = 2;
+        let ready = Readiness::new(1);
+        let cancel = CancellationToken::new();
+        let run = tokio::spawn(source.run(ready.clone(), cancel.clone()));
+        assert!(
+            ready.wait(Duration::from_secs(10)).await,
+            "source subscribed"
+        );
+
+        let mut options = MqttOptions::new("flood-devices", "127.0.0.1", port);
+        options.set_inflight(1000);
+        let (devices, mut eventloop) = client(options, 1000);
+        let driver = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+        let publisher = tokio::spawn(async move {
+            for i in 0..ALARMS {
+                let payload =
+                    format!(r#"{{"seq": {i}, "event": "fall", "ts": "2026-11-22T10:15:30.123Z"}}"#);
+                let topic = format!("telecare/flood/dev{}/alarm", i % 50);
+                if devices
+                    .publish(topic, QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        let mut stored = 0;
+        while tokio::time::Instant::now() < deadline {
+            stored = store.count_alarms().await.expect("count");
+            if stored as usize == ALARMS {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            stored as usize, ALARMS,
+            "every alarm of the flood is stored"
+        );
+        cancel.cancel();
+        run.await.expect("source stops");
+        writer.await.expect("writer stops");
+        publisher.abort();
+        driver.abort();
+    }
 }
