@@ -389,15 +389,30 @@ async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
     got as f64 / elapsed.max(1e-3)
 }
 
-/// The `[[mqtt]]` entry for the broker.
-fn mqtt_source(broker: &Broker) -> String {
+/// The `[[mqtt]]` entry for the broker, with the gateway's client id.
+fn mqtt_source(broker: &Broker, client_id: &str) -> String {
     let scheme = if broker.embedded { "embedded" } else { "mqtt" };
     format!(
-        "[[mqtt]]\nid = \"devices\"\nurl = \"{scheme}://{}:{}\"\nclient_id = \"load-{}\"\n",
-        broker.host,
-        broker.port,
-        &uuid::Uuid::new_v4().simple().to_string()[..8]
+        "[[mqtt]]\nid = \"devices\"\nurl = \"{scheme}://{}:{}\"\nclient_id = \"{client_id}\"\n",
+        broker.host, broker.port,
     )
+}
+
+/// Ends the gateway's persistent session on an outside broker. Left there,
+/// it would stay subscribed to every device topic and queue every alarm of
+/// later runs for a client that never comes back, slowing the broker down
+/// run after run (Mosquitto keeps such sessions for days).
+async fn forget_session(broker: &Broker, client_id: &str) {
+    if broker.embedded {
+        return;
+    }
+    let limit = Duration::from_secs(10);
+    if !telegate::source::mqtt::end_session(&broker.host, broker.port, client_id, limit).await {
+        eprintln!(
+            "load: could not end the gateway's session {client_id:?} on the broker; \
+             it stays subscribed until the broker expires it"
+        );
+    }
 }
 
 /// A fleet offering `rate` alarms/s of `mix` to `tenant`-prefixed tenants.
@@ -528,7 +543,8 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
         },
     };
     let arc = ArcSim::start(ArcConfig::new("load-secret", "load-token")).await?;
-    let gateway = Gateway::start(args, &mqtt_source(&broker), &arc).await?;
+    let client_id = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let gateway = Gateway::start(args, &mqtt_source(&broker, &client_id), &arc).await?;
     eprintln!("load: gateway up (log in {})", gateway.log().display());
     // The raw broker rate is measured after the scenario, so that its burst
     // counts in neither the gateway's CPU share nor its peak memory.
@@ -540,7 +556,9 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
         );
         raw
     };
-    let result = match args.scenario.as_str() {
+    // Errors end the scenario, not the clean-up below.
+    let result: Result<(), Box<dyn std::error::Error>> = async {
+        match args.scenario.as_str() {
         "steady" => {
             let rate = args.rate.unwrap_or(1000.0);
             let secs = args.duration_s.unwrap_or(30);
@@ -609,8 +627,11 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
             }
         }
         other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
-    };
+        }
+    }
+    .await;
     gateway.stop(args.keep).await;
+    forget_session(&broker, &client_id).await;
     arc.shutdown().await;
     result
 }

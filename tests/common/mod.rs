@@ -361,24 +361,10 @@ impl Harness {
     }
 }
 
-/// Removes a client's persistent session from an external broker (connects
-/// with its id and a clean session), so the broker stops queueing for it.
+/// Removes a client's persistent session from an external broker, so the
+/// broker stops queueing for it.
 pub async fn forget_session(host: &str, port: u16, client_id: &str) {
-    let mut options = MqttOptions::new(client_id, host, port);
-    options.set_clean_session(true);
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = client.try_disconnect();
-                }
-                Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
+    telegate::source::mqtt::end_session(host, port, client_id, Duration::from_secs(5)).await;
 }
 
 /// Holds the external broker for one test at a time (see [`EXTERNAL`]).

@@ -808,6 +808,31 @@ pub fn client(options: MqttOptions, capacity: usize) -> (AsyncClient, EventLoop)
     (client, eventloop)
 }
 
+/// Ends a client's persistent session on a broker: connects with its id and
+/// a clean session, then disconnects. A gateway instance that is retired
+/// (or a test or bench run that is over) leaves a session that stays
+/// subscribed to every device topic and makes the broker queue every alarm
+/// for a client that never comes back. True when the broker confirmed.
+pub async fn end_session(host: &str, port: u16, client_id: &str, limit: Duration) -> bool {
+    let mut options = MqttOptions::new(client_id, host, port);
+    options.set_clean_session(true);
+    let (client, mut eventloop) = self::client(options, 10);
+    let ended = tokio::time::timeout(limit, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_disconnect();
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    })
+    .await;
+    ended == Ok(true)
+}
+
 /// Publishes device replies on a connection of their own.
 async fn run_replier(
     options: MqttOptions,
