@@ -559,74 +559,74 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
     // Errors end the scenario, not the clean-up below.
     let result: Result<(), Box<dyn std::error::Error>> = async {
         match args.scenario.as_str() {
-        "steady" => {
-            let rate = args.rate.unwrap_or(1000.0);
-            let secs = args.duration_s.unwrap_or(30);
-            let m = run_mqtt_load(
-                &gateway,
-                &broker,
-                &arc,
-                &[("steady", rate, mix(0.01, 0.09, 0.6, 0.3))],
-                Duration::from_secs(secs),
-                args.seed,
-            )
-            .await?;
-            print_line("steady", args, &broker, raw().await, &m);
-            Ok(())
-        }
-        "storm" => {
-            // 20,000 technical alarms in 2 s, and 100 critical ones spread through them.
-            let m = run_mqtt_load(
-                &gateway,
-                &broker,
-                &arc,
-                &[
-                    ("storm-tech", 10_000.0, mix(0.0, 0.0, 1.0, 0.0)),
-                    ("storm-crit", 50.0, mix(1.0, 0.0, 0.0, 0.0)),
-                ],
-                Duration::from_secs(2),
-                args.seed,
-            )
-            .await?;
-            print_line("storm", args, &broker, raw().await, &m);
-            Ok(())
-        }
-        "max" => {
-            let secs = args.duration_s.unwrap_or(15);
-            let mut held: Option<Measured> = None;
-            let mut rate = args.step;
-            loop {
-                let label = format!("max{}", rate as u64);
+            "steady" => {
+                let rate = args.rate.unwrap_or(1000.0);
+                let secs = args.duration_s.unwrap_or(30);
                 let m = run_mqtt_load(
                     &gateway,
                     &broker,
                     &arc,
-                    &[(&label, rate, mix(0.01, 0.09, 0.6, 0.3))],
+                    &[("steady", rate, mix(0.01, 0.09, 0.6, 0.3))],
                     Duration::from_secs(secs),
                     args.seed,
                 )
                 .await?;
-                let ok = m.lost == 0 && m.p99_ms <= 1000.0 && m.delivered == m.sent;
-                eprintln!(
-                    "load-step: offered={rate:.0}/s achieved={:.0}/s sent={} delivered={} lost={} p99_ms={:.1} cpu_pct={:.0} {}",
-                    m.achieved, m.sent, m.delivered, m.lost, m.p99_ms, m.cpu_pct,
-                    if ok { "held" } else { "did not hold" }
-                );
-                if !ok {
-                    break;
-                }
-                held = Some(m);
-                rate += args.step;
+                print_line("steady", args, &broker, raw().await, &m);
+                Ok(())
             }
-            match held {
-                Some(m) => {
-                    print_line("max", args, &broker, raw().await, &m);
-                    Ok(())
-                }
-                None => Err("not even the first step held".into()),
+            "storm" => {
+                // 20,000 technical alarms in 2 s, and 100 critical ones spread through them.
+                let m = run_mqtt_load(
+                    &gateway,
+                    &broker,
+                    &arc,
+                    &[
+                        ("storm-tech", 10_000.0, mix(0.0, 0.0, 1.0, 0.0)),
+                        ("storm-crit", 50.0, mix(1.0, 0.0, 0.0, 0.0)),
+                    ],
+                    Duration::from_secs(2),
+                    args.seed,
+                )
+                .await?;
+                print_line("storm", args, &broker, raw().await, &m);
+                Ok(())
             }
-        }
-        other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
+            "max" => {
+                let secs = args.duration_s.unwrap_or(15);
+                let mut held: Option<Measured> = None;
+                let mut rate = args.step;
+                loop {
+                    let label = format!("max{}", rate as u64);
+                    let m = run_mqtt_load(
+                        &gateway,
+                        &broker,
+                        &arc,
+                        &[(&label, rate, mix(0.01, 0.09, 0.6, 0.3))],
+                        Duration::from_secs(secs),
+                        args.seed,
+                    )
+                    .await?;
+                    let ok = m.lost == 0 && m.p99_ms <= 1000.0 && m.delivered == m.sent;
+                    eprintln!(
+                        "load-step: offered={rate:.0}/s achieved={:.0}/s sent={} delivered={} lost={} p99_ms={:.1} cpu_pct={:.0} {}",
+                        m.achieved, m.sent, m.delivered, m.lost, m.p99_ms, m.cpu_pct,
+                        if ok { "held" } else { "did not hold" }
+                    );
+                    if !ok {
+                        break;
+                    }
+                    held = Some(m);
+                    rate += args.step;
+                }
+                match held {
+                    Some(m) => {
+                        print_line("max", args, &broker, raw().await, &m);
+                        Ok(())
+                    }
+                    None => Err("not even the first step held".into()),
+                }
+            }
+            other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
         }
     }
     .await;
