@@ -14,12 +14,22 @@
 //! first signal waits at most `batch_wait` for company. While a batch
 //! commits, the next one gathers, so under load batches grow by themselves
 //! and throughput follows; a batch that gathered that way is written at
-//! once. Batches are committed in queue order, so answers come back in the
-//! order signals were enqueued.
+//! once.
+//!
+//! Life first starts here: when a backlog has formed, the writer looks at up
+//! to [`LOOKAHEAD`] batches' worth of queued signals and fills the batch with
+//! critical and urgent alarms before technical and routine signals, each kind
+//! in arrival order; what did not fit waits, first in line, for the next
+//! batch. So in a storm a fall is stored (and handed to delivery) within a
+//! batch or two, not behind every signal that came before it. Without a
+//! backlog batches are committed in queue order. Either way a sender's answer
+//! comes when its own batch commits; sources that must answer in order (MQTT
+//! acknowledgements, serial lines) wait for their signals in order.
 //!
 //! When a commit fails every sender of that batch gets an error and must not
 //! acknowledge its signal (the device or broker will send it again).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,6 +79,10 @@ enum Job {
     Alarm(NewAlarm, AlarmReply),
     Quarantine(QuarantineEntry, QuarantineReply),
 }
+
+/// How many batches' worth of queued signals the writer looks at when it
+/// puts life-lane alarms first.
+pub const LOOKAHEAD: usize = 4;
 
 /// A signal waiting for its batch to commit.
 pub struct Pending<T> {
@@ -144,6 +158,9 @@ impl Ingest {
 /// The group-commit writer: the only task that writes new alarms.
 pub struct Writer {
     rx: mpsc::Receiver<Job>,
+    /// Signals taken from the queue that life-lane alarms went ahead of, in
+    /// arrival order; they come before anything still queued.
+    held: VecDeque<Job>,
     store: Store,
     config: IngestConfig,
     /// Routes each new alarm; the route is stored with its outbox row.
@@ -169,6 +186,7 @@ pub fn channel(
         Ingest { tx },
         Writer {
             rx,
+            held: VecDeque::new(),
             store,
             config,
             router,
@@ -188,11 +206,14 @@ impl Writer {
         loop {
             // Jobs that queued up while the last batch committed are a batch
             // already: waiting for more would only hold them longer.
-            let backlog = !self.rx.is_empty();
-            if self.rx.recv_many(&mut jobs, max).await == 0 {
+            let backlog = !self.held.is_empty() || !self.rx.is_empty();
+            if self.held.is_empty() && self.rx.recv_many(&mut jobs, max).await == 0 {
                 break;
             }
-            if !backlog {
+            if backlog {
+                let rx = &mut self.rx;
+                life_first(&mut self.held, &mut jobs, max, || rx.try_recv().ok());
+            } else {
                 self.gather(&mut jobs, max).await;
             }
             self.commit(&mut jobs).await;
@@ -336,6 +357,48 @@ impl Writer {
 
 /// Adds to `batch` what `rx` receives within `wait`, up to `max` in all;
 /// returns early when the batch is full or the channel closes.
+/// Fills `batch` (up to `max`) from `held`, then `batch` itself, then
+/// `more()`: everything in view, at most [`LOOKAHEAD`] × `max`, in arrival
+/// order. Life-lane jobs go first, each kind keeping its order; what does not
+/// fit is held, in order, for the next batch.
+fn life_first<T: LifeFirst>(
+    held: &mut VecDeque<T>,
+    batch: &mut Vec<T>,
+    max: usize,
+    mut more: impl FnMut() -> Option<T>,
+) {
+    let mut view: Vec<T> = held.drain(..).collect();
+    view.append(batch);
+    while view.len() < LOOKAHEAD * max {
+        match more() {
+            Some(job) => view.push(job),
+            None => break,
+        }
+    }
+    let (life, rest): (Vec<T>, Vec<T>) = view.into_iter().partition(LifeFirst::is_life);
+    for job in life.into_iter().chain(rest) {
+        if batch.len() < max {
+            batch.push(job);
+        } else {
+            held.push_back(job);
+        }
+    }
+}
+
+/// What [`life_first`] orders by.
+trait LifeFirst {
+    fn is_life(&self) -> bool;
+}
+
+impl LifeFirst for Job {
+    fn is_life(&self) -> bool {
+        match self {
+            Job::Alarm(alarm, _) => alarm.priority().is_life(),
+            Job::Quarantine(..) => false,
+        }
+    }
+}
+
 pub(crate) async fn gather_until<T>(
     rx: &mut mpsc::Receiver<T>,
     batch: &mut Vec<T>,
@@ -357,4 +420,65 @@ fn dedupe_since(now: DateTime<Utc>, window: Duration) -> DateTime<Utc> {
         .ok()
         .and_then(|w| now.checked_sub_signed(w))
         .unwrap_or(DateTime::<Utc>::UNIX_EPOCH)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A signal in a test: its arrival number and whether it is a life-lane alarm.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    struct Signal(u32, bool);
+
+    impl LifeFirst for Signal {
+        fn is_life(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn numbers(signals: &[Signal]) -> Vec<u32> {
+        signals.iter().map(|s| s.0).collect()
+    }
+
+    #[test]
+    fn under_a_backlog_life_alarms_go_first_and_the_rest_keep_their_order() {
+        // Eighteen technical signals queued, then two falls; batches of four.
+        let mut queue: VecDeque<Signal> = (0..18).map(|n| Signal(n, false)).collect();
+        queue.push_back(Signal(18, true));
+        queue.push_back(Signal(19, true));
+        let mut held = VecDeque::new();
+        let mut batch = Vec::new();
+        let mut batches = Vec::new();
+        while !(queue.is_empty() && held.is_empty()) {
+            life_first(&mut held, &mut batch, 4, || queue.pop_front());
+            batches.push(numbers(&batch));
+            batch.clear();
+        }
+        // The falls are out of view of the first batch (16 signals) but in the
+        // second: they lead it, and nothing is lost, repeated or reordered.
+        assert_eq!(batches[0], vec![0, 1, 2, 3]);
+        assert_eq!(batches[1], vec![18, 19, 4, 5]);
+        let all: Vec<u32> = batches.concat();
+        let technical: Vec<u32> = all.iter().copied().filter(|n| *n < 18).collect();
+        assert_eq!(technical, (0..18).collect::<Vec<u32>>());
+        assert_eq!(all.len(), 20);
+    }
+
+    #[test]
+    fn what_is_held_stays_bounded_and_comes_before_the_queue() {
+        let mut queue: VecDeque<Signal> = (0..100).map(|n| Signal(n, n % 10 == 9)).collect();
+        let mut held = VecDeque::new();
+        let mut batch = vec![Signal(1000, false)];
+        // The batch already holds the oldest signal taken from the queue.
+        life_first(&mut held, &mut batch, 8, || queue.pop_front());
+        assert_eq!(batch.len(), 8);
+        assert_eq!(numbers(&batch[..3]), vec![9, 19, 29]);
+        assert_eq!(batch[3], Signal(1000, false), "the oldest technical signal");
+        assert_eq!(held.len() + batch.len(), LOOKAHEAD * 8);
+        let oldest_queued = queue.front().map_or(u32::MAX, |s| s.0);
+        let mut second = Vec::new();
+        life_first(&mut held, &mut second, 8, || queue.pop_front());
+        // Held technical signals go before any still queued.
+        assert!(second.iter().filter(|s| !s.1).all(|s| s.0 < oldest_queued));
+    }
 }

@@ -24,6 +24,12 @@ pub enum Priority {
 }
 
 impl Priority {
+    /// Critical and urgent: the alarms that "life first" puts ahead of
+    /// technical and routine signals.
+    pub fn is_life(self) -> bool {
+        matches!(self, Priority::Critical | Priority::Urgent)
+    }
+
     /// Every priority, most urgent first.
     pub const ALL: [Priority; 4] = [
         Priority::Critical,

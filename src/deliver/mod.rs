@@ -277,9 +277,10 @@ enum Lane {
 
 impl Lane {
     fn of(priority: Priority) -> Lane {
-        match priority {
-            Priority::Critical | Priority::Urgent => Lane::Life,
-            Priority::Technical | Priority::Routine => Lane::Technical,
+        if priority.is_life() {
+            Lane::Life
+        } else {
+            Lane::Technical
         }
     }
 }
