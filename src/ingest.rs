@@ -355,8 +355,6 @@ impl Writer {
     }
 }
 
-/// Adds to `batch` what `rx` receives within `wait`, up to `max` in all;
-/// returns early when the batch is full or the channel closes.
 /// Fills `batch` (up to `max`) from `held`, then `batch` itself, then
 /// `more()`: everything in view, at most [`LOOKAHEAD`] × `max`, in arrival
 /// order. Life-lane jobs go first, each kind keeping its order; what does not
@@ -399,6 +397,8 @@ impl LifeFirst for Job {
     }
 }
 
+/// Adds to `batch` what `rx` receives within `wait`, up to `max` in all;
+/// returns early when the batch is full or the channel closes.
 pub(crate) async fn gather_until<T>(
     rx: &mut mpsc::Receiver<T>,
     batch: &mut Vec<T>,
