@@ -188,6 +188,7 @@ pub fn body(d: &Delivery) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Alarm, AlarmClass, AlarmDetails, SourceKind, SourceRef};
 
     #[test]
     fn signature_is_hmac_sha256_of_timestamp_dot_body() {
@@ -206,6 +207,70 @@ mod tests {
         assert_eq!(
             joined,
             format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+        );
+    }
+
+    fn delivery(details: AlarmDetails, contract_id: Option<&str>) -> Delivery {
+        let at = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        Delivery {
+            alarm: Alarm {
+                id: "0190f3a0-7b1c-7cc0-8000-00000000002a".parse().unwrap(),
+                tenant: "north".into(),
+                device_id: "unit-\"7\"".into(),
+                account: details.zone.map(|_| "1234".into()),
+                seq: Some(41),
+                class: AlarmClass::Fall,
+                priority: AlarmClass::Fall.priority(),
+                restore: false,
+                raised_at: details.zone.map(|_| at("2026-11-22T10:15:30.123Z")),
+                received_at: at("2026-11-22T10:15:30.456Z"),
+                stored_at: at("2026-11-22T10:15:30.460Z"),
+                source: SourceRef {
+                    kind: SourceKind::Mqtt,
+                    id: "devices".into(),
+                    code: "fall".into(),
+                },
+                details,
+                raw: Vec::new(),
+            },
+            contract_id: contract_id.map(Into::into),
+            attempt: 2,
+            fallback: true,
+        }
+    }
+
+    #[test]
+    fn the_body_has_every_field_of_the_contract_in_a_fixed_order() {
+        let full = AlarmDetails {
+            zone: Some(3),
+            sensor: Some("hall".into()),
+            battery_pct: Some(87),
+            rssi: Some(-71),
+            lat: Some(51.5),
+            lon: Some(-0.125),
+            text: Some("caf\u{e9} \"x\"".into()),
+        };
+        let whole = serde_json::to_string(&body(&delivery(full, Some("c-1")))).unwrap();
+        assert_eq!(
+            whole,
+            r#"{"account":"1234","alarm_id":"0190f3a0-7b1c-7cc0-8000-00000000002a","attempt":2,"#
+                .to_owned()
+                + r#""battery_pct":87,"class":"fall","contract_id":"c-1","device_id":"unit-\"7\"","#
+                + r#""fallback":true,"lat":51.5,"lon":-0.125,"priority":1,"#
+                + r#""raised_at":"2026-11-22T10:15:30.123Z","received_at":"2026-11-22T10:15:30.456Z","#
+                + r#""restore":false,"rssi":-71,"sensor":"hall","seq":41,"#
+                + r#""source":{"code":"fall","id":"devices","kind":"mqtt"},"tenant":"north","#
+                + r#""text":"café \"x\"","uncontracted":false,"zone":3}"#
+        );
+        let bare = serde_json::to_string(&body(&delivery(AlarmDetails::default(), None))).unwrap();
+        assert_eq!(
+            bare,
+            r#"{"alarm_id":"0190f3a0-7b1c-7cc0-8000-00000000002a","attempt":2,"class":"fall","#
+                .to_owned()
+                + r#""contract_id":null,"device_id":"unit-\"7\"","fallback":true,"priority":1,"#
+                + r#""raised_at":null,"received_at":"2026-11-22T10:15:30.456Z","restore":false,"#
+                + r#""seq":41,"source":{"code":"fall","id":"devices","kind":"mqtt"},"#
+                + r#""tenant":"north","uncontracted":true}"#
         );
     }
 
