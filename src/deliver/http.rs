@@ -12,12 +12,12 @@ use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
 use reqwest::header::{HeaderMap, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
 use reqwest::StatusCode;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 use sha2::Sha256;
 
 use super::{Delivery, DeliveryError, Receipt};
 use crate::config::ProviderConfig;
-use crate::model::wire_time;
+use crate::model::{wire_time, AlarmId};
 
 /// A provider reached over HTTP.
 #[derive(Debug, Clone)]
@@ -145,44 +145,83 @@ pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// The JSON body of a delivery, written straight from the alarm. Fields are
+/// in alphabetical order (the order of `serde_json`'s map, which built the
+/// body before), and the optional details are left out when absent.
+#[derive(Serialize)]
+pub struct Body<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    account: Option<&'a str>,
+    alarm_id: AlarmId,
+    attempt: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    battery_pct: Option<u8>,
+    class: &'static str,
+    contract_id: Option<&'a str>,
+    device_id: &'a str,
+    fallback: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lat: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lon: Option<f64>,
+    priority: u8,
+    raised_at: Option<String>,
+    received_at: String,
+    restore: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rssi: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sensor: Option<&'a str>,
+    seq: Option<u64>,
+    source: BodySource<'a>,
+    tenant: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<&'a str>,
+    uncontracted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<u32>,
+}
+
+/// The `source` object of [`Body`].
+#[derive(Serialize)]
+struct BodySource<'a> {
+    code: &'a str,
+    id: &'a str,
+    kind: &'static str,
+}
+
 /// The JSON body of a delivery.
-pub fn body(d: &Delivery) -> Value {
+pub fn body(d: &Delivery) -> Body<'_> {
     let a = &d.alarm;
-    let mut body = Map::new();
-    body.insert("alarm_id".into(), json!(a.id.to_string()));
-    body.insert("contract_id".into(), json!(d.contract_id));
-    body.insert("uncontracted".into(), json!(d.contract_id.is_none()));
-    body.insert("tenant".into(), json!(a.tenant));
-    body.insert("device_id".into(), json!(a.device_id));
-    body.insert("seq".into(), json!(a.seq));
-    body.insert("class".into(), json!(a.class.name()));
-    body.insert("priority".into(), json!(a.priority.number()));
-    body.insert("restore".into(), json!(a.restore));
-    body.insert("raised_at".into(), json!(a.raised_at.map(wire_time)));
-    body.insert("received_at".into(), json!(wire_time(a.received_at)));
-    body.insert("attempt".into(), json!(d.attempt));
-    body.insert("fallback".into(), json!(d.fallback));
-    body.insert(
-        "source".into(),
-        json!({"kind": a.source.kind.name(), "id": a.source.id, "code": a.source.code}),
-    );
     let details = &a.details;
-    let optional: [(&str, Option<Value>); 8] = [
-        ("account", a.account.as_ref().map(|v| json!(v))),
-        ("zone", details.zone.map(|v| json!(v))),
-        ("sensor", details.sensor.as_ref().map(|v| json!(v))),
-        ("battery_pct", details.battery_pct.map(|v| json!(v))),
-        ("rssi", details.rssi.map(|v| json!(v))),
-        ("lat", details.lat.map(|v| json!(v))),
-        ("lon", details.lon.map(|v| json!(v))),
-        ("text", details.text.as_ref().map(|v| json!(v))),
-    ];
-    for (name, value) in optional {
-        if let Some(value) = value {
-            body.insert(name.into(), value);
-        }
+    Body {
+        account: a.account.as_deref(),
+        alarm_id: a.id,
+        attempt: d.attempt,
+        battery_pct: details.battery_pct,
+        class: a.class.name(),
+        contract_id: d.contract_id.as_deref(),
+        device_id: &a.device_id,
+        fallback: d.fallback,
+        lat: details.lat,
+        lon: details.lon,
+        priority: a.priority.number(),
+        raised_at: a.raised_at.map(wire_time),
+        received_at: wire_time(a.received_at),
+        restore: a.restore,
+        rssi: details.rssi,
+        sensor: details.sensor.as_deref(),
+        seq: a.seq,
+        source: BodySource {
+            code: &a.source.code,
+            id: &a.source.id,
+            kind: a.source.kind.name(),
+        },
+        tenant: &a.tenant,
+        text: details.text.as_deref(),
+        uncontracted: d.contract_id.is_none(),
+        zone: details.zone,
     }
-    Value::Object(body)
 }
 
 #[cfg(test)]
