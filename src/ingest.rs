@@ -80,6 +80,16 @@ enum Job {
     Quarantine(QuarantineEntry, QuarantineReply),
 }
 
+impl Job {
+    /// Whether [`life_first`] puts the job ahead of the others.
+    fn is_life(&self) -> bool {
+        match self {
+            Job::Alarm(alarm, _) => alarm.priority().is_life(),
+            Job::Quarantine(..) => false,
+        }
+    }
+}
+
 /// How many batches' worth of queued signals the writer looks at when it
 /// puts life-lane alarms first.
 pub const LOOKAHEAD: usize = 4;
@@ -212,7 +222,13 @@ impl Writer {
             }
             if backlog {
                 let rx = &mut self.rx;
-                life_first(&mut self.held, &mut jobs, max, || rx.try_recv().ok());
+                life_first(
+                    &mut self.held,
+                    &mut jobs,
+                    max,
+                    || rx.try_recv().ok(),
+                    Job::is_life,
+                );
             } else {
                 self.gather(&mut jobs, max).await;
             }
@@ -357,13 +373,14 @@ impl Writer {
 
 /// Fills `batch` (up to `max`) from `held`, then `batch` itself, then
 /// `more()`: everything in view, at most [`LOOKAHEAD`] × `max`, in arrival
-/// order. Life-lane jobs go first, each kind keeping its order; what does not
-/// fit is held, in order, for the next batch.
-fn life_first<T: LifeFirst>(
+/// order. Jobs that `is_life` go first, each kind keeping its order; what
+/// does not fit is held, in order, for the next batch.
+fn life_first<T>(
     held: &mut VecDeque<T>,
     batch: &mut Vec<T>,
     max: usize,
     mut more: impl FnMut() -> Option<T>,
+    is_life: impl Fn(&T) -> bool,
 ) {
     let mut view: Vec<T> = held.drain(..).collect();
     view.append(batch);
@@ -373,26 +390,12 @@ fn life_first<T: LifeFirst>(
             None => break,
         }
     }
-    let (life, rest): (Vec<T>, Vec<T>) = view.into_iter().partition(LifeFirst::is_life);
+    let (life, rest): (Vec<T>, Vec<T>) = view.into_iter().partition(|job| is_life(job));
     for job in life.into_iter().chain(rest) {
         if batch.len() < max {
             batch.push(job);
         } else {
             held.push_back(job);
-        }
-    }
-}
-
-/// What [`life_first`] orders by.
-trait LifeFirst {
-    fn is_life(&self) -> bool;
-}
-
-impl LifeFirst for Job {
-    fn is_life(&self) -> bool {
-        match self {
-            Job::Alarm(alarm, _) => alarm.priority().is_life(),
-            Job::Quarantine(..) => false,
         }
     }
 }
@@ -430,10 +433,8 @@ mod tests {
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     struct Signal(u32, bool);
 
-    impl LifeFirst for Signal {
-        fn is_life(&self) -> bool {
-            self.1
-        }
+    fn is_life(signal: &Signal) -> bool {
+        signal.1
     }
 
     fn numbers(signals: &[Signal]) -> Vec<u32> {
@@ -450,7 +451,7 @@ mod tests {
         let mut batch = Vec::new();
         let mut batches = Vec::new();
         while !(queue.is_empty() && held.is_empty()) {
-            life_first(&mut held, &mut batch, 4, || queue.pop_front());
+            life_first(&mut held, &mut batch, 4, || queue.pop_front(), is_life);
             batches.push(numbers(&batch));
             batch.clear();
         }
@@ -470,14 +471,14 @@ mod tests {
         let mut held = VecDeque::new();
         let mut batch = vec![Signal(1000, false)];
         // The batch already holds the oldest signal taken from the queue.
-        life_first(&mut held, &mut batch, 8, || queue.pop_front());
+        life_first(&mut held, &mut batch, 8, || queue.pop_front(), is_life);
         assert_eq!(batch.len(), 8);
         assert_eq!(numbers(&batch[..3]), vec![9, 19, 29]);
         assert_eq!(batch[3], Signal(1000, false), "the oldest technical signal");
         assert_eq!(held.len() + batch.len(), LOOKAHEAD * 8);
         let oldest_queued = queue.front().map_or(u32::MAX, |s| s.0);
         let mut second = Vec::new();
-        life_first(&mut held, &mut second, 8, || queue.pop_front());
+        life_first(&mut held, &mut second, 8, || queue.pop_front(), is_life);
         // Held technical signals go before any still queued.
         assert!(second.iter().filter(|s| !s.1).all(|s| s.0 < oldest_queued));
     }
