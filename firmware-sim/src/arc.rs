@@ -491,12 +491,6 @@ impl ArcSim {
         lock(&self.inner.state).mode
     }
 
-    /// Changes how deliveries are answered. `Down` returns once the port refuses connections (open
-    /// connections get up to a second to finish their request); leaving `Down` binds the same address again.
-    ///
-    /// # Errors
-    /// `InvalidInput` for `Reject` with a code that is not an HTTP status (100–999); the bind error when the
-    /// port cannot be taken again (the mode stays `Down`); an error after [`ArcSim::shutdown`].
     /// Makes every delivery wait `delay` before it is decided (a slow ARC);
     /// `Duration::ZERO` answers at once again.
     pub fn set_response_delay(&self, delay: Duration) {
@@ -506,6 +500,12 @@ impl ArcSim {
             .store(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Changes how deliveries are answered. `Down` returns once the port refuses connections (open
+    /// connections get up to a second to finish their request); leaving `Down` binds the same address again.
+    ///
+    /// # Errors
+    /// `InvalidInput` for `Reject` with a code that is not an HTTP status (100–999); the bind error when the
+    /// port cannot be taken again (the mode stays `Down`); an error after [`ArcSim::shutdown`].
     pub async fn set_mode(&self, mode: Mode) -> io::Result<()> {
         if let Mode::Reject(code) = mode {
             StatusCode::from_u16(code)

@@ -290,7 +290,7 @@ impl Lane {
 #[error("provider {id}: cannot build the HTTP client: {source}")]
 pub struct BuildError {
     id: String,
-    source: reqwest::Error,
+    source: http::ClientError,
 }
 
 /// Claims due outbox rows and delivers them.
