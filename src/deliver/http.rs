@@ -18,7 +18,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, Mac};
-use http::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{HeaderMap, HeaderName, HeaderValue, AUTHORIZATION, CONTENT_TYPE, RETRY_AFTER};
 use http::{Method, Request, StatusCode, Uri};
 use http_body_util::Full;
 use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
@@ -45,6 +45,8 @@ pub enum ClientError {
     Url(#[from] http::uri::InvalidUri),
     #[error("TLS set-up: {0}")]
     Tls(#[from] rustls::Error),
+    #[error("the URL's user name and password cannot be sent as Basic credentials")]
+    Credentials,
 }
 
 /// A provider reached over HTTP.
@@ -52,6 +54,8 @@ pub enum ClientError {
 pub struct HttpProvider {
     id: String,
     uri: Uri,
+    /// `Basic` credentials from the URL's user information; never logged.
+    authorization: Option<HeaderValue>,
     /// The HMAC key; never logged.
     secret: Vec<u8>,
     client: HttpsClient,
@@ -70,7 +74,7 @@ impl HttpProvider {
     /// # Errors
     /// When the URL cannot be used as a request target, or TLS cannot be set up.
     pub fn new(config: &ProviderConfig) -> Result<HttpProvider, ClientError> {
-        let uri: Uri = config.url.as_str().parse()?;
+        let (uri, authorization) = target(&config.url)?;
         let mut tcp = HttpConnector::new();
         tcp.enforce_http(false);
         tcp.set_nodelay(true);
@@ -87,6 +91,7 @@ impl HttpProvider {
         Ok(HttpProvider {
             id: config.id.clone(),
             uri,
+            authorization,
             secret: config.secret.expose().as_bytes().to_vec(),
             client,
             timeout: config.timeout,
@@ -124,8 +129,10 @@ impl HttpProvider {
         );
         headers.insert(TIMESTAMP.clone(), header(&timestamp)?);
         headers.insert(SIGNATURE.clone(), signature);
-        let deadline = tokio::time::Instant::now() + self.timeout;
-        let response = tokio::time::timeout_at(deadline, self.client.request(request))
+        if let Some(credentials) = &self.authorization {
+            headers.insert(AUTHORIZATION, credentials.clone());
+        }
+        let response = tokio::time::timeout(self.timeout, self.client.request(request))
             .await
             .map_err(|_| DeliveryError::Timeout)?
             .map_err(|e| {
@@ -140,6 +147,38 @@ impl HttpProvider {
         let (head, _body) = response.into_parts();
         classify(head.status, &head.headers)
     }
+}
+
+/// The request target, and `Basic` credentials when the URL has user
+/// information (`https://user:password@host/…`), which is taken out of the
+/// target so that it is sent only as the `Authorization` header.
+fn target(url: &url::Url) -> Result<(Uri, Option<HeaderValue>), ClientError> {
+    use base64::Engine as _;
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok((url.as_str().parse()?, None));
+    }
+    let decode = |part: &str| {
+        percent_encoding::percent_decode_str(part)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let credentials = format!(
+        "{}:{}",
+        decode(url.username()),
+        url.password().map(decode).unwrap_or_default()
+    );
+    let encoded = base64::engine::general_purpose::STANDARD.encode(credentials);
+    let mut value =
+        HeaderValue::from_str(&format!("Basic {encoded}")).map_err(|_| ClientError::Credentials)?;
+    value.set_sensitive(true);
+    let mut bare = url.clone();
+    // Neither fails on an http(s) URL with a host (configuration checked
+    // both); if one did, the URL is refused rather than sent as it is.
+    bare.set_username("")
+        .map_err(|()| ClientError::Credentials)?;
+    bare.set_password(None)
+        .map_err(|()| ClientError::Credentials)?;
+    Ok((bare.as_str().parse()?, Some(value)))
 }
 
 /// Whether a client error was a time-out (connecting: the exchange as a
@@ -419,39 +458,49 @@ mod tests {
         arc.shutdown().await;
     }
 
+    /// What [`counting_server`] saw.
+    #[derive(Default)]
+    struct Seen {
+        connections: std::sync::atomic::AtomicUsize,
+        /// Each request's head (request line and headers), lower-cased.
+        heads: std::sync::Mutex<Vec<String>>,
+    }
+
     /// A loopback HTTP/1.1 server that answers every request with 200 and
     /// counts the connections it accepts.
-    async fn counting_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-        use std::sync::atomic::{AtomicUsize, Ordering};
+    async fn counting_server(userinfo: &str) -> (String, std::sync::Arc<Seen>) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/alarms", listener.local_addr().unwrap());
-        let accepted = std::sync::Arc::new(AtomicUsize::new(0));
-        let count = accepted.clone();
+        let url = format!("http://{userinfo}{}/alarms", listener.local_addr().unwrap());
+        let seen = std::sync::Arc::new(Seen::default());
+        let server = seen.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                count.fetch_add(1, Ordering::SeqCst);
+                server
+                    .connections
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let seen = server.clone();
                 tokio::spawn(async move {
                     let mut buffer = Vec::new();
                     let mut chunk = [0u8; 4096];
                     loop {
                         // One whole request: the head, then Content-Length bytes.
-                        let request_end = buffer
+                        let request = buffer
                             .windows(4)
                             .position(|w| w == b"\r\n\r\n")
-                            .map(|head| {
-                                let head_text =
-                                    String::from_utf8_lossy(&buffer[..head]).to_lowercase();
-                                let length = head_text
+                            .map(|end| {
+                                let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
+                                let length = head
                                     .lines()
                                     .find_map(|l| l.strip_prefix("content-length:"))
                                     .and_then(|v| v.trim().parse::<usize>().ok())
                                     .unwrap_or(0);
-                                head + 4 + length
+                                (head, end + 4 + length)
                             })
-                            .filter(|end| buffer.len() >= *end);
-                        if let Some(end) = request_end {
+                            .filter(|(_, end)| buffer.len() >= *end);
+                        if let Some((head, end)) = request {
                             buffer.drain(..end);
+                            seen.heads.lock().unwrap().push(head);
                             let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
                             if socket.write_all(answer).await.is_err() {
                                 return;
@@ -466,18 +515,54 @@ mod tests {
                 });
             }
         });
-        (url, accepted)
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn credentials_in_the_url_are_sent_as_basic_authorization_and_nowhere_else() {
+        let (url, seen) = counting_server("arc%40user:pa%3Ass@").await;
+        let provider = provider_at(&url, Duration::from_secs(5));
+        assert_eq!(
+            provider
+                .deliver(&numbered(1), Utc::now())
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+        let heads = seen.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 1);
+        // base64("arc@user:pa:ss"), lower-cased by the server.
+        assert!(
+            heads[0].contains("\r\nauthorization: basic yxjjqhvzzxi6cge6c3m="),
+            "{}",
+            heads[0]
+        );
+        assert!(
+            heads[0].starts_with("post /alarms http/1.1\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(!heads[0].contains("user"), "{}", heads[0]);
+        let (bare, seen) = counting_server("").await;
+        let provider = provider_at(&bare, Duration::from_secs(5));
+        provider.deliver(&numbered(2), Utc::now()).await.unwrap();
+        assert!(!seen.heads.lock().unwrap()[0].contains("authorization"));
     }
 
     #[tokio::test]
     async fn deliveries_one_after_another_share_one_connection() {
-        let (url, connections) = counting_server().await;
+        let (url, seen) = counting_server("").await;
         let provider = provider_at(&url, Duration::from_secs(5));
         for n in 0..20 {
             let receipt = provider.deliver(&numbered(n), Utc::now()).await.unwrap();
             assert_eq!(receipt.status, 200);
         }
-        assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(
+            seen.connections.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        assert_eq!(seen.heads.lock().unwrap().len(), 20);
     }
 
     #[tokio::test]
