@@ -469,50 +469,40 @@ mod tests {
     /// A loopback HTTP/1.1 server that answers every request with 200 and
     /// counts the connections it accepts.
     async fn counting_server(userinfo: &str) -> (String, std::sync::Arc<Seen>) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{userinfo}{}/alarms", listener.local_addr().unwrap());
         let seen = std::sync::Arc::new(Seen::default());
         let server = seen.clone();
         tokio::spawn(async move {
-            while let Ok((mut socket, _)) = listener.accept().await {
+            while let Ok((socket, _)) = listener.accept().await {
                 server
                     .connections
                     .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let seen = server.clone();
-                tokio::spawn(async move {
-                    let mut buffer = Vec::new();
-                    let mut chunk = [0u8; 4096];
-                    loop {
-                        // One whole request: the head, then Content-Length bytes.
-                        let request = buffer
-                            .windows(4)
-                            .position(|w| w == b"\r\n\r\n")
-                            .map(|end| {
-                                let head = String::from_utf8_lossy(&buffer[..end]).to_lowercase();
-                                let length = head
-                                    .lines()
-                                    .find_map(|l| l.strip_prefix("content-length:"))
-                                    .and_then(|v| v.trim().parse::<usize>().ok())
-                                    .unwrap_or(0);
-                                (head, end + 4 + length)
-                            })
-                            .filter(|(_, end)| buffer.len() >= *end);
-                        if let Some((head, end)) = request {
-                            buffer.drain(..end);
-                            seen.heads.lock().unwrap().push(head);
-                            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-                            if socket.write_all(answer).await.is_err() {
-                                return;
-                            }
-                            continue;
-                        }
-                        match socket.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                        }
+                let answer = hyper::service::service_fn(move |request: Request<_>| {
+                    let mut head = format!(
+                        "{} {} {:?}",
+                        request.method(),
+                        request.uri(),
+                        request.version()
+                    );
+                    for (name, value) in request.headers() {
+                        head.push_str(&format!(
+                            "\r\n{name}: {}",
+                            String::from_utf8_lossy(value.as_bytes())
+                        ));
+                    }
+                    seen.heads.lock().unwrap().push(head.to_lowercase());
+                    async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(
+                            Bytes::from_static(b"{}"),
+                        )))
                     }
                 });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(socket), answer),
+                );
             }
         });
         (url, seen)
