@@ -545,7 +545,9 @@ impl Fleet {
             options
                 .set_keep_alive(Duration::from_secs(30))
                 .set_max_packet_size(MAX_PACKET, MAX_PACKET)
-                .set_clean_session(true);
+                .set_clean_session(true)
+                // Publishes and PUBACKs already queued share one write.
+                .set_max_request_batch(64);
             let (client, mut eventloop) = AsyncClient::new(options, REQUEST_QUEUE);
             // Small packets go out at once instead of waiting for TCP's
             // acknowledgement of the previous one.
