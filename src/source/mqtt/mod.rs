@@ -797,7 +797,7 @@ fn from_link(publish: rumqttd::protocol::Publish) -> Publish {
 }
 
 /// Most queued requests (PUBACKs, replies) that leave in one write.
-pub const REQUEST_BATCH: usize = 64;
+const REQUEST_BATCH: usize = 64;
 
 /// An MQTT client whose small packets go out at once. Without
 /// `TCP_NODELAY`, a PUBLISH or PUBACK written while the previous one is not
