@@ -323,34 +323,58 @@ struct State {
 /// The accepted alarm ids, spread over [`ID_SHARDS`] sets. A hash set grows
 /// by moving every id at once, under the state lock that every delivery
 /// waits for: one set of 917,504 ids took 170–190 ms to grow, long enough to
-/// show in a load bench's p99; a shard grows alone, at a sixty-fourth of that.
+/// show in a load bench's p99. Shards of equal shares would all grow within
+/// the same second or so; shard `i` takes a share in proportion to
+/// `2^(i/64)`, so the shards reach their growth points one at a time, 64 of
+/// them spread evenly over each doubling of the set.
 struct IdSet {
     shards: Vec<HashSet<String>>,
+    /// Shard `i` takes the ids whose hash is at most `bounds[i]` (and above
+    /// the bound before it).
+    bounds: Vec<u64>,
 }
 
-const ID_SHARDS: u64 = 64;
+const ID_SHARDS: usize = 64;
 
 impl Default for IdSet {
     fn default() -> IdSet {
+        let weight = |i: usize| (i as f64 / ID_SHARDS as f64).exp2();
+        let total: f64 = (0..ID_SHARDS).map(weight).sum();
+        let mut below = 0.0;
+        let mut bounds: Vec<u64> = (0..ID_SHARDS)
+            .map(|i| {
+                below += weight(i) / total;
+                // The cast saturates at u64::MAX.
+                (below * u64::MAX as f64) as u64
+            })
+            .collect();
+        if let Some(last) = bounds.last_mut() {
+            *last = u64::MAX;
+        }
         IdSet {
             shards: (0..ID_SHARDS).map(|_| HashSet::new()).collect(),
+            bounds,
         }
     }
 }
 
 impl IdSet {
-    fn shard(id: &str) -> usize {
+    fn shard(&self, id: &str) -> usize {
         let mut hasher = DefaultHasher::new();
         id.hash(&mut hasher);
-        (hasher.finish() % ID_SHARDS) as usize
+        let hash = hasher.finish();
+        self.bounds
+            .partition_point(|&bound| bound < hash)
+            .min(ID_SHARDS - 1)
     }
 
     fn contains(&self, id: &str) -> bool {
-        self.shards[IdSet::shard(id)].contains(id)
+        self.shards[self.shard(id)].contains(id)
     }
 
     fn insert(&mut self, id: String) {
-        self.shards[IdSet::shard(&id)].insert(id);
+        let shard = self.shard(&id);
+        self.shards[shard].insert(id);
     }
 
     fn to_set(&self) -> HashSet<String> {
@@ -938,6 +962,24 @@ pub fn wire_time(at: DateTime<Utc>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn accepted_ids_spread_over_shards_of_growing_shares() {
+        let mut ids = IdSet::default();
+        for i in 0..64_000 {
+            ids.insert(format!("alarm-{i}"));
+        }
+        assert!(ids.contains("alarm-0") && ids.contains("alarm-63999"));
+        assert!(!ids.contains("alarm-64000"));
+        assert_eq!(ids.to_set().len(), 64_000);
+        // Shares run from 1 to nearly 2: the last shard holds about twice
+        // the first (1,000 × 0.69 and × 1.38 on average).
+        let first = ids.shards[0].len();
+        let last = ids.shards[ID_SHARDS - 1].len();
+        assert!((550..850).contains(&first), "first shard {first}");
+        assert!((1_200..1_600).contains(&last), "last shard {last}");
+        assert!(ids.shards.iter().all(|s| !s.is_empty()));
+    }
 
     #[test]
     fn stats_line_has_the_cli_format() {
