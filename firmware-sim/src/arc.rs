@@ -363,9 +363,8 @@ impl IdSet {
         let mut hasher = DefaultHasher::new();
         id.hash(&mut hasher);
         let hash = hasher.finish();
-        self.bounds
-            .partition_point(|&bound| bound < hash)
-            .min(ID_SHARDS - 1)
+        // The last bound is u64::MAX, so every hash has a shard.
+        self.bounds.partition_point(|&bound| bound < hash)
     }
 
     fn contains(&self, id: &str) -> bool {

@@ -68,12 +68,9 @@ impl RecentKeys {
         hasher.finish()
     }
 
-    fn shard(&self, hash: u64) -> &HashMap<u64, Entry> {
-        &self.latest[(hash >> (u64::BITS - SHARDS.ilog2())) as usize]
-    }
-
-    fn shard_mut(&mut self, hash: u64) -> &mut HashMap<u64, Entry> {
-        &mut self.latest[(hash >> (u64::BITS - SHARDS.ilog2())) as usize]
+    /// The shard of a key hash: its top bits.
+    fn shard_of(hash: u64) -> usize {
+        (hash >> (u64::BITS - SHARDS.ilog2())) as usize
     }
 
     /// The highest rowid folded in, or `None` when the set has not been
@@ -97,7 +94,7 @@ impl RecentKeys {
     /// window.
     pub(super) fn insert(&mut self, key: &str, entry: Entry) {
         let hash = RecentKeys::hash(key);
-        self.shard_mut(hash).insert(hash, entry);
+        self.latest[RecentKeys::shard_of(hash)].insert(hash, entry);
         self.loaded_to(entry.rowid);
     }
 
@@ -120,7 +117,7 @@ impl RecentKeys {
     /// The stored alarm whose key may be `key`: check it against its row.
     pub(super) fn candidate(&self, key: &str) -> Option<Entry> {
         let hash = RecentKeys::hash(key);
-        self.shard(hash).get(&hash).copied()
+        self.latest[RecentKeys::shard_of(hash)].get(&hash).copied()
     }
 
     pub(super) fn len(&self) -> usize {
