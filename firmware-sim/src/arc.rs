@@ -310,7 +310,7 @@ struct Inner {
 
 struct State {
     mode: Mode,
-    accepted: Vec<Accepted>,
+    accepted: Vec<Record>,
     accepted_ids: IdSet,
     stats: ArcStats,
     progress: Vec<ProgressReport>,
@@ -318,6 +318,64 @@ struct State {
     fail_rng: StdRng,
     /// Draws the operator delays.
     delay_rng: StdRng,
+}
+
+/// One accepted delivery as kept: the body and headers as received, made into
+/// an [`Accepted`] only when asked for. A parsed body and a string per header
+/// cost dozens of allocations a delivery, and the memory they take grows with
+/// every delivery of a load run.
+#[derive(Clone)]
+struct Record {
+    alarm_id: String,
+    body: Box<[u8]>,
+    /// `name: value` lines, one per header, in the order received.
+    headers: String,
+    received_at: DateTime<Utc>,
+    attempt: u64,
+    fallback: bool,
+}
+
+impl Record {
+    fn new(
+        delivery: check::Delivery,
+        body: &[u8],
+        headers: &HeaderMap,
+        received_at: DateTime<Utc>,
+    ) -> Record {
+        let mut lines = String::with_capacity(256);
+        for (name, value) in headers {
+            lines.push_str(name.as_str());
+            lines.push_str(": ");
+            // Header values never hold a line break (hyper refuses them).
+            lines.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            lines.push('\n');
+        }
+        Record {
+            alarm_id: delivery.alarm_id,
+            body: body.into(),
+            headers: lines,
+            received_at,
+            attempt: delivery.attempt,
+            fallback: delivery.fallback,
+        }
+    }
+
+    fn to_accepted(&self) -> Accepted {
+        Accepted {
+            alarm_id: self.alarm_id.clone(),
+            // The body passed the checks, so it parses.
+            body: serde_json::from_slice(&self.body).unwrap_or(Value::Null),
+            headers: self
+                .headers
+                .lines()
+                .filter_map(|line| line.split_once(": "))
+                .map(|(name, value)| (name.to_owned(), value.to_owned()))
+                .collect(),
+            received_at: self.received_at,
+            attempt: self.attempt,
+            fallback: self.fallback,
+        }
+    }
 }
 
 /// The accepted alarm ids, spread over [`ID_SHARDS`] sets. A hash set grows
@@ -617,7 +675,8 @@ impl ArcSim {
 
     /// Every accepted delivery, in the order accepted.
     pub fn accepted(&self) -> Vec<Accepted> {
-        lock(&self.inner.state).accepted.clone()
+        let records = lock(&self.inner.state).accepted.clone();
+        records.iter().map(Record::to_accepted).collect()
     }
 
     /// The ids of every accepted alarm.
@@ -648,7 +707,7 @@ impl ArcSim {
                 .accepted
                 .iter()
                 .find(|a| a.alarm_id == alarm_id)
-                .cloned()
+                .map(Record::to_accepted)
         };
         if self
             .wait_until(timeout, |state| found(state).is_some())
@@ -730,7 +789,7 @@ async fn deliver(Extract(inner): Extract<Arc<Inner>>, headers: HeaderMap, body: 
     }
     let now = Utc::now();
     let checked = check::check(&headers, &body, &inner.secret, now.timestamp());
-    let outcome = inner.decide(checked, &headers, now);
+    let outcome = inner.decide(checked, &headers, &body, now);
     inner.respond(outcome)
 }
 
@@ -744,6 +803,7 @@ impl Inner {
         &self,
         checked: Result<check::Delivery, check::Refusal>,
         headers: &HeaderMap,
+        body: &[u8],
         now: DateTime<Utc>,
     ) -> Outcome {
         let mut state = self.state();
@@ -789,26 +849,16 @@ impl Inner {
                 });
                 state.stats.accepted += 1;
                 state.accepted_ids.insert(alarm_id.clone());
-                state.accepted.push(Accepted {
-                    alarm_id: alarm_id.clone(),
-                    headers: headers
-                        .iter()
-                        .map(|(name, value)| {
-                            let value = String::from_utf8_lossy(value.as_bytes()).into_owned();
-                            (name.as_str().to_owned(), value)
-                        })
-                        .collect(),
-                    received_at: now,
-                    attempt: delivery.attempt,
-                    fallback: delivery.fallback,
-                    body: delivery.body,
-                });
+                let (attempt, fallback) = (delivery.attempt, delivery.fallback);
+                state
+                    .accepted
+                    .push(Record::new(delivery, body, headers, now));
                 drop(state);
                 self.version.send_modify(|v| *v += 1);
                 Outcome::Accepted {
                     alarm_id,
-                    attempt: delivery.attempt,
-                    fallback: delivery.fallback,
+                    attempt,
+                    fallback,
                     delays,
                 }
             }
@@ -828,7 +878,13 @@ impl Inner {
                 if let Some((answer, resolve)) = delays {
                     self.spawn_progress(alarm_id, answer, resolve);
                 }
-                (StatusCode::OK, Json(json!({"status": "accepted"}))).into_response()
+                // The commonest answer, written once.
+                (
+                    StatusCode::OK,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"status":"accepted"}"#,
+                )
+                    .into_response()
             }
             Outcome::Duplicate { alarm_id } => {
                 info!(%alarm_id, "delivery of an alarm already accepted: 409");

@@ -2,8 +2,13 @@
 //!
 //! Pure functions over the headers and the raw body; the caller passes the current time.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use axum::http::{header, HeaderMap};
 use hmac::{Hmac, Mac};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
 use sha2::Sha256;
 
@@ -53,13 +58,11 @@ pub fn verify(secret: &[u8], timestamp: &str, body: &[u8], signature: &str) -> b
     }
 }
 
-/// A delivery that passed every check.
-#[derive(Debug)]
+/// A delivery that passed every check (its body is the caller's, unchanged).
+#[derive(Debug, PartialEq, Eq)]
 pub struct Delivery {
     /// The alarm id, equal to the `Idempotency-Key` header.
     pub alarm_id: String,
-    /// The body, a JSON object.
-    pub body: Value,
     /// The body's `attempt`.
     pub attempt: u64,
     /// The body's `fallback`.
@@ -127,6 +130,84 @@ fn check_body(headers: &HeaderMap, body: &[u8], key: &str) -> Result<Delivery, V
     if !json_type {
         return Err(vec!["Content-Type is not application/json".to_owned()]);
     }
+    match quick_check(body, key) {
+        Some(delivery) => Ok(delivery),
+        None => check_fields(body, key),
+    }
+}
+
+/// The fields the contract requires, borrowed from the body. Parsing into this
+/// costs a fraction of building a [`Value`] (an allocation per field), which
+/// matters at thousands of deliveries a second. A body it takes passes every
+/// check of [`check_fields`]; a body it does not take (a missing field, a wrong
+/// type, a repeated field) goes through [`check_fields`], which lists every
+/// problem.
+#[derive(Deserialize)]
+struct Required<'a> {
+    #[serde(borrow)]
+    alarm_id: Cow<'a, str>,
+    #[serde(borrow)]
+    tenant: Cow<'a, str>,
+    #[serde(borrow)]
+    device_id: Cow<'a, str>,
+    #[serde(borrow)]
+    class: Cow<'a, str>,
+    priority: u64,
+    attempt: u64,
+    fallback: bool,
+    // Checked for its type only.
+    #[allow(dead_code)]
+    uncontracted: bool,
+    #[serde(borrow)]
+    received_at: Cow<'a, str>,
+    #[allow(dead_code)]
+    source: AnObject,
+}
+
+/// Any JSON object, its contents skipped.
+struct AnObject;
+
+impl<'de> Deserialize<'de> for AnObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<AnObject, D::Error> {
+        struct Skip;
+        impl<'de> Visitor<'de> for Skip {
+            type Value = AnObject;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<AnObject, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(AnObject)
+            }
+        }
+        deserializer.deserialize_map(Skip)
+    }
+}
+
+/// The cheap check of a well-formed body: the delivery when every rule holds, `None` when
+/// [`check_fields`] must look.
+fn quick_check(body: &[u8], key: &str) -> Option<Delivery> {
+    // serde takes a struct from a JSON array too; the contract wants an object.
+    if body.trim_ascii_start().first() != Some(&b'{') {
+        return None;
+    }
+    let fields: Required<'_> = serde_json::from_slice(body).ok()?;
+    let holds = fields.alarm_id == key
+        && !fields.tenant.is_empty()
+        && !fields.device_id.is_empty()
+        && !fields.class.is_empty()
+        && (1..=4).contains(&fields.priority)
+        && fields.attempt >= 1
+        && is_wire_timestamp(&fields.received_at);
+    holds.then(|| Delivery {
+        alarm_id: key.to_owned(),
+        attempt: fields.attempt,
+        fallback: fields.fallback,
+    })
+}
+
+/// Every rule of the contract on the body, each broken one listed.
+fn check_fields(body: &[u8], key: &str) -> Result<Delivery, Vec<String>> {
     let value: Value =
         serde_json::from_slice(body).map_err(|err| vec![format!("body is not JSON: {err}")])?;
     let Value::Object(fields) = &value else {
@@ -173,7 +254,6 @@ fn check_body(headers: &HeaderMap, body: &[u8], key: &str) -> Result<Delivery, V
             alarm_id: key.to_owned(),
             attempt,
             fallback,
-            body: value,
         }),
         _ => Err(problems),
     }
@@ -297,6 +377,81 @@ mod tests {
             let result = check(&headers(text, NOW, Some("a1")), text, SECRET, NOW);
             assert!(matches!(result, Err(Refusal::Request(_))));
         }
+    }
+
+    /// Every way a field of the good body can break: gone, null, each wrong type, out of range.
+    fn variants() -> Vec<Vec<u8>> {
+        let good: Value = serde_json::from_slice(&body("a1")).unwrap();
+        let Value::Object(fields) = &good else {
+            unreachable!()
+        };
+        let values = [
+            json!(null),
+            json!(""),
+            json!("a1"),
+            json!("1"),
+            json!(0),
+            json!(1),
+            json!(4),
+            json!(5),
+            json!(-1),
+            json!(1.0),
+            json!(true),
+            json!([]),
+            json!({}),
+            json!("2026-11-22T10:15:30.123Z"),
+        ];
+        let mut bodies = vec![serde_json::to_vec(&good).unwrap()];
+        for name in fields.keys() {
+            let mut without = fields.clone();
+            without.remove(name);
+            bodies.push(serde_json::to_vec(&without).unwrap());
+            for value in &values {
+                let mut changed = fields.clone();
+                changed.insert(name.clone(), value.clone());
+                bodies.push(serde_json::to_vec(&changed).unwrap());
+            }
+        }
+        let text = String::from_utf8(body("a1")).unwrap();
+        bodies.extend(
+            [
+                // A repeated field: the last one wins in a `Value`.
+                text.replacen("{", r#"{"priority": 9, "#, 1),
+                text.replacen("{", r#"{"priority": 1, "#, 1),
+                text.replacen(r#""a1""#, r#""a\u0031""#, 1),
+                format!("  \n{text}  "),
+                format!("[{text}]"),
+                r#"["a1", "t1", "d1", "fall", 1, 2, true, false, "2026-11-22T10:15:30.123Z", {}]"#
+                    .to_owned(),
+                text.replacen("}", "", 1),
+            ]
+            .map(String::into_bytes),
+        );
+        bodies
+    }
+
+    #[test]
+    fn the_quick_check_takes_only_what_the_full_check_takes() {
+        let mut quick = 0;
+        for body in variants() {
+            let shown = String::from_utf8_lossy(&body).into_owned();
+            let full = check_fields(&body, "a1");
+            if let Some(delivery) = quick_check(&body, "a1") {
+                quick += 1;
+                assert_eq!(full.as_ref(), Ok(&delivery), "{shown}");
+            }
+            let headers = headers(&body, NOW, Some("a1"));
+            let checked = check(&headers, &body, SECRET, NOW);
+            match (checked, full) {
+                (Ok(got), Ok(want)) => assert_eq!(got, want, "{shown}"),
+                (Err(Refusal::Request(got)), Err(want)) => assert_eq!(got, want, "{shown}"),
+                (got, want) => panic!("{shown}: check gave {got:?}, the full check {want:?}"),
+            }
+        }
+        // The good body, its values changed within their rules, escaped and padded: the quick path.
+        assert!(quick >= 6, "only {quick} bodies took the quick path");
+        assert!(quick_check(&body("a1"), "a1").is_some());
+        assert!(quick_check(b"[1]", "a1").is_none());
     }
 
     #[test]
