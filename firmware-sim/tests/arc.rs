@@ -528,6 +528,38 @@ async fn progress_is_reported_answered_then_resolved() {
 }
 
 #[tokio::test]
+async fn without_records_it_still_counts_refuses_repeats_and_reports_progress() {
+    let (gateway, mut seen) = gateway(Vec::new()).await;
+    let mut config = progress_config(gateway);
+    config.keep_records = false;
+    let sim = start(config).await;
+    let client = client();
+    assert_eq!(deliver(&client, &sim, "n-1").await, StatusCode::OK);
+    assert_eq!(deliver(&client, &sim, "n-2").await, StatusCode::OK);
+    assert_eq!(deliver(&client, &sim, "n-1").await, StatusCode::CONFLICT);
+    assert!(sim.wait_for_accepted(2, WAIT).await);
+    assert_eq!(
+        sim.accepted_ids(),
+        ["n-1", "n-2"].map(str::to_owned).into_iter().collect()
+    );
+    // Two alarms, each answered and resolved.
+    for _ in 0..4 {
+        next(&mut seen).await;
+    }
+    assert!(sim.wait_for_progress(4, WAIT).await);
+
+    assert!(sim.accepted().is_empty());
+    assert!(sim.progress_reports().is_empty());
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.received, stats.accepted, stats.duplicates),
+        (3, 2, 1)
+    );
+    assert_eq!((stats.progress_sent, stats.progress_failed), (4, 0));
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn progress_retries_5xx_but_not_4xx() {
     // answered: 503, then 200; resolved: 403 (not retried).
     let (gateway, mut seen) = gateway(vec![503, 200, 403]).await;
