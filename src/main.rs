@@ -228,15 +228,36 @@ fn operator(
     }
 }
 
-/// Logs to stderr at `default` level unless `RUST_LOG` says otherwise. The
-/// embedded broker logs every client disconnect as an error, which is not
-/// one an operator can act on, so it is silent unless asked for.
+/// Logs to stderr at `default` level unless `RUST_LOG` says otherwise, in
+/// colour only on a terminal. The embedded broker logs every client
+/// disconnect as an error, which is not one an operator can act on, so it is
+/// silent unless `RUST_LOG` names it (`RUST_LOG=info,rumqttd=warn`).
 fn init_tracing(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},rumqttd=off")));
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let quiet_broker = |directives: &str| {
+        if directives.contains("rumqttd") {
+            directives.to_owned()
+        } else {
+            format!("{directives},rumqttd=off")
+        }
+    };
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = match asked {
+        Some(asked) => EnvFilter::try_new(quiet_broker(&asked)).unwrap_or_else(|e| {
+            eprintln!(
+                "telegate: RUST_LOG={asked:?} is not a log filter ({e}); logging at {default}"
+            );
+            EnvFilter::new(quiet_broker(default))
+        }),
+        None => EnvFilter::new(quiet_broker(default)),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 
