@@ -244,16 +244,17 @@ fn init_tracing(default: &str) {
     };
     let asked = std::env::var("RUST_LOG")
         .ok()
-        .filter(|v| !v.trim().is_empty());
-    let filter = match asked {
-        Some(asked) => EnvFilter::try_new(quiet_broker(&asked)).unwrap_or_else(|e| {
-            eprintln!(
-                "telegate: RUST_LOG={asked:?} is not a log filter ({e}); logging at {default}"
-            );
-            EnvFilter::new(quiet_broker(default))
-        }),
-        None => EnvFilter::new(quiet_broker(default)),
-    };
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|asked| match EnvFilter::try_new(quiet_broker(&asked)) {
+            Ok(filter) => Some(filter),
+            Err(e) => {
+                eprintln!(
+                    "telegate: RUST_LOG={asked:?} is not a log filter ({e}); logging at {default}"
+                );
+                None
+            }
+        });
+    let filter = asked.unwrap_or_else(|| EnvFilter::new(quiet_broker(default)));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
