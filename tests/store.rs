@@ -955,3 +955,85 @@ async fn released_leases_let_the_rows_be_claimed_again_at_once() {
         ts.close().await;
     }
 }
+
+/// A SQLite database written before the index changes of 2026-11-23: its
+/// pending alarm is still claimed for delivery and its dead letter still
+/// listed for an operator once the store opens it and brings it up to date.
+#[tokio::test]
+async fn a_sqlite_database_from_the_first_schema_opens_with_its_work_intact() {
+    use sqlx::ConnectOptions as _;
+    use telegate::store::Attention;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("old.db");
+    // The schema as the first release left it: its two migrations only.
+    let first = dir.path().join("first-migrations");
+    std::fs::create_dir(&first).unwrap();
+    for name in [
+        "20261122000001_init.sql",
+        "20261122000002_dedupe_keys_in_memory.sql",
+    ] {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("migrations/sqlite")
+            .join(name);
+        std::fs::copy(from, first.join(name)).unwrap();
+    }
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .create_if_missing(true)
+        .connect()
+        .await
+        .unwrap();
+    sqlx::migrate::Migrator::new(first.as_path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    let (pending, dead) = (AlarmId::new_v7(), AlarmId::new_v7());
+    for (id, received, state) in [(pending, 1_000, "pending"), (dead, 2_000, "dead_letter")] {
+        sqlx::query(
+            "INSERT INTO alarms (id, tenant, device_id, class, priority, restore, received_at, \
+             stored_at, source_kind, source_id, source_code, raw, dedupe_key) \
+             VALUES (?, 'tn', 'd1', 'personal_emergency', 1, 0, ?, ?, 'mqtt', 'm', '1101', x'7b7d', ?)",
+        )
+        .bind(id.to_string())
+        .bind(received)
+        .bind(received)
+        .bind(format!("key-{id}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO outbox (alarm_id, priority, state, chain, failover_after_ms, stored_at, \
+             routed_at, due_at) VALUES (?, 1, ?, '[\"arc\"]', 60000, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(state)
+        .bind(received)
+        .bind(received)
+        .bind(received)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    drop(conn);
+
+    let store = Store::open(&StoreUrl::Sqlite(path))
+        .await
+        .expect("the old database opens and is brought up to date");
+    let claimed = store
+        .claim_due("gw", t(5_000), t(65_000), 10)
+        .await
+        .unwrap();
+    let got: Vec<AlarmId> = claimed.iter().map(|c| c.alarm.id).collect();
+    assert_eq!(got, [pending], "only the pending alarm is due");
+    let listed = store
+        .alarms_needing_attention(Attention::DeadLetter, 10)
+        .await
+        .unwrap();
+    let got: Vec<AlarmId> = listed.iter().map(|l| l.id).collect();
+    assert_eq!(got, [dead]);
+    assert_eq!(store.alarms_of_device("tn", "d1").await.unwrap().len(), 2);
+    store.close().await;
+}
