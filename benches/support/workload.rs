@@ -1,4 +1,4 @@
-//! What the store benches share: the signal they write (a pendant press with
+//! What the ingest and store benches share: the signal they write (a pendant press with
 //! a battery reading, from one of 500 devices, each with a sequence number
 //! of its own), a router that sends every alarm to one provider, and the
 //! runtime, with the gateway's two worker threads.
@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::Utc;
 use telegate::config::Config;
 use telegate::model::{AlarmClass, AlarmDetails, DedupeKey, NewAlarm, SourceKind, SourceRef};
-
 use telegate::route::Router;
 
 static SEQ: AtomicU64 = AtomicU64::new(0);
