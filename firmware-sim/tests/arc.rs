@@ -160,6 +160,30 @@ async fn a_repeat_is_409_and_recorded_once() {
 }
 
 #[tokio::test]
+async fn only_post_to_the_delivery_path_is_a_delivery() {
+    let sim = start(ArcConfig::new(SECRET, TOKEN)).await;
+    let client = client();
+    let elsewhere = sim.url().replace("/alarms", "/alarm");
+    let response = client.post(&elsewhere).body("{}").send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 404);
+    let response = client.get(sim.url()).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 405);
+    assert_eq!(
+        response.headers().get("allow").map(|v| v.as_bytes()),
+        Some(&b"POST"[..])
+    );
+    // A body past the limit is refused before it is checked.
+    let huge = vec![b' '; 3 * 1024 * 1024];
+    let response = send_as(&client, &sim, SECRET, now_unix(), Some("big"), &huge).await;
+    assert_eq!(response.status().as_u16(), 413);
+    assert_eq!(sim.stats().received, 0);
+    // And deliveries still go through.
+    assert_eq!(deliver(&client, &sim, "a-1").await, StatusCode::OK);
+    assert_eq!(sim.stats().accepted, 1);
+    sim.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_signatures_and_bodies_are_refused_and_not_recorded() {
     let sim = start(ArcConfig::new(SECRET, TOKEN)).await;
     let client = client();

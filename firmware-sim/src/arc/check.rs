@@ -5,8 +5,8 @@
 use std::borrow::Cow;
 use std::fmt;
 
-use axum::http::{header, HeaderMap};
 use hmac::{Hmac, Mac};
+use hyper::http::{header, HeaderMap};
 use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Value};
@@ -274,7 +274,7 @@ pub fn is_wire_timestamp(text: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::http::HeaderValue;
+    use hyper::http::HeaderValue;
     use serde_json::json;
 
     const SECRET: &[u8] = b"s3cret";
