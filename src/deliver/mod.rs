@@ -21,7 +21,9 @@
 //!   on that claim but claimed again.
 //! - Life first: each provider has two lanes (critical and urgent; technical
 //!   and routine), each with its own bound on deliveries in flight, so a
-//!   flood of technical signals never takes the slots a fall needs.
+//!   flood of technical signals never takes the slots a fall needs. A lane
+//!   is a queue served by up to `max_in_flight` workers, each delivering one
+//!   alarm at a time on its own kept-alive connection to the provider.
 //! - Every attempt, its outcome, the acceptance and a dead letter are stage
 //!   rows of the alarm.
 
@@ -29,6 +31,7 @@ pub mod http;
 pub mod plan;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -122,6 +125,12 @@ pub enum Provider {
     Http(HttpProvider),
 }
 
+/// A delivery worker's connection to its provider, of the provider's kind.
+#[derive(Debug)]
+pub enum Link {
+    Http(http::Link),
+}
+
 impl Provider {
     /// The limit of one attempt.
     pub fn timeout(&self) -> Duration {
@@ -130,15 +139,23 @@ impl Provider {
         }
     }
 
+    /// A link not yet connected; the first delivery on it connects.
+    pub fn link(&self) -> Link {
+        match self {
+            Provider::Http(_) => Link::Http(http::Link::default()),
+        }
+    }
+
     /// # Errors
     /// As the adapter's `deliver`.
     pub async fn deliver(
         &self,
+        link: &mut Link,
         delivery: &Delivery,
         now: DateTime<Utc>,
     ) -> Result<Receipt, DeliveryError> {
-        match self {
-            Provider::Http(p) => p.deliver(delivery, now).await,
+        match (self, link) {
+            (Provider::Http(p), Link::Http(link)) => p.deliver(link, delivery, now).await,
         }
     }
 }
@@ -293,12 +310,82 @@ pub struct BuildError {
     source: http::ClientError,
 }
 
+/// One attempt waiting for a worker of its provider's lane.
+struct Job {
+    claimed: Claimed,
+    /// The row's plan as it stood when it was claimed or handed over.
+    plan: Plan,
+    /// Dropped when the attempt ends: gives the row's room back.
+    _room: Room,
+}
+
+/// The room a row takes while its attempt is waiting or under way, given
+/// back when it is dropped.
+enum Room {
+    /// A row the dispatcher claimed, one of `claim_batch`.
+    Claimed { _guard: ClaimGuard },
+    /// A row handed over by ingest, one of the hand-off's room.
+    Handed { _guard: RoomGuard },
+}
+
+/// Claimed rows whose attempt has not ended yet.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    /// Rung as each attempt ends.
+    ended: Notify,
+}
+
+impl InFlight {
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+}
+
+/// Counts a claimed row in [`InFlight`] until its attempt ends.
+struct ClaimGuard(Arc<InFlight>);
+
+impl ClaimGuard {
+    fn new(in_flight: &Arc<InFlight>) -> ClaimGuard {
+        in_flight.count.fetch_add(1, Ordering::AcqRel);
+        ClaimGuard(in_flight.clone())
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+        self.0.ended.notify_one();
+    }
+}
+
+/// A provider's lane: attempts wait in its queue for one of at most
+/// `max_in_flight` workers, each sending on a connection of its own. A
+/// worker is started when attempts are waiting and no worker is idle, so the
+/// workers (and connections) follow the lane's concurrency, up to the bound.
+struct LaneQueue {
+    provider: Arc<Provider>,
+    tx: flume::Sender<Job>,
+    rx: flume::Receiver<Job>,
+    /// Workers waiting for an attempt.
+    idle: Arc<AtomicUsize>,
+    /// Workers started.
+    workers: usize,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct WorkerContext {
+    clock: SharedClock,
+    metrics: Arc<Metrics>,
+    results: mpsc::Sender<AttemptRecord>,
+}
+
 /// Claims due outbox rows and delivers them.
 pub struct Dispatcher {
     store: Store,
-    providers: HashMap<String, Arc<Provider>>,
-    /// Bounds on deliveries in flight, per provider and lane.
-    lanes: HashMap<(String, Lane), Arc<Semaphore>>,
+    /// The queues of each provider's lanes.
+    lanes: HashMap<(String, Lane), LaneQueue>,
     config: DeliverConfig,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -318,7 +405,6 @@ impl Dispatcher {
         metrics: Arc<Metrics>,
         handed: Handed,
     ) -> Result<Dispatcher, BuildError> {
-        let mut providers = HashMap::new();
         let mut lanes = HashMap::new();
         for p in &config.providers {
             let provider = match p.kind {
@@ -329,17 +415,23 @@ impl Dispatcher {
                     })?)
                 }
             };
-            providers.insert(p.id.clone(), Arc::new(provider));
+            let provider = Arc::new(provider);
             for lane in [Lane::Life, Lane::Technical] {
+                let (tx, rx) = flume::unbounded();
                 lanes.insert(
                     (p.id.clone(), lane),
-                    Arc::new(Semaphore::new(config.deliver.max_in_flight)),
+                    LaneQueue {
+                        provider: provider.clone(),
+                        tx,
+                        rx,
+                        idle: Arc::new(AtomicUsize::new(0)),
+                        workers: 0,
+                    },
                 );
             }
         }
         Ok(Dispatcher {
             store,
-            providers,
             lanes,
             config: config.deliver.clone(),
             clock,
@@ -381,10 +473,18 @@ impl Dispatcher {
         results: mpsc::Sender<AttemptRecord>,
         cancel: CancellationToken,
     ) {
-        // Rows claimed from the outbox (at most `claim_batch` at a time) and
-        // rows handed over by ingest (bounded by the hand-off's room).
-        let mut claimed = JoinSet::new();
-        let mut handed = JoinSet::new();
+        let context = WorkerContext {
+            clock: self.clock.clone(),
+            metrics: self.metrics.clone(),
+            results,
+        };
+        // The lanes' workers, and the attempts of rows whose provider is no
+        // longer configured.
+        let mut workers = JoinSet::new();
+        // Rows claimed from the outbox whose attempt has not ended (at most
+        // `claim_batch`); rows handed over by ingest are bounded by the
+        // hand-off's room.
+        let in_flight = Arc::new(InFlight::default());
         let mut handed_open = true;
         let limit = self.config.claim_batch.max(1);
         let mut poll = tokio::time::interval(self.config.poll);
@@ -395,9 +495,8 @@ impl Dispatcher {
         let mut claim = true;
         let mut claimed_all = false;
         loop {
-            while claimed.try_join_next().is_some() {}
-            while handed.try_join_next().is_some() {}
-            let room = limit.saturating_sub(claimed.len());
+            while workers.try_join_next().is_some() {}
+            let room = limit.saturating_sub(in_flight.count());
             if claim && room > 0 {
                 let now = self.clock.now();
                 let until = add(now, self.config.lease);
@@ -409,127 +508,186 @@ impl Dispatcher {
                     Ok(rows) => {
                         claimed_all = rows.len() == room;
                         for row in rows {
-                            claimed.spawn(self.attempt(row, now, results.clone()));
+                            let room = Room::Claimed {
+                                _guard: ClaimGuard::new(&in_flight),
+                            };
+                            self.enqueue(row, now, room, &mut workers, &context);
                         }
                     }
                     Err(e) => tracing::error!(error = %e, "cannot claim outbox rows"),
                 }
             }
-            let room = limit.saturating_sub(claimed.len());
+            let room = limit.saturating_sub(in_flight.count());
+            let waiting = in_flight.count() > 0;
             claim = false;
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 rows = self.handed.rx.recv(), if handed_open => match rows {
-                    Some(rows) => self.spawn_handed(&mut handed, rows, &results),
+                    Some(rows) => {
+                        let now = self.clock.now();
+                        for row in rows {
+                            let room = Room::Handed {
+                                _guard: RoomGuard(self.handed.room.clone()),
+                            };
+                            self.enqueue(row, now, room, &mut workers, &context);
+                        }
+                    }
                     None => handed_open = false,
                 },
                 // With the room full, or more probably due, claim again as
                 // soon as an attempt ends.
-                Some(_) = claimed.join_next(), if claimed_all || room == 0 => claim = true,
+                () = in_flight.ended.notified(), if waiting && (claimed_all || room == 0) => claim = true,
                 () = wake.notified() => claim = true,
                 _ = poll.tick() => claim = true,
             }
         }
-        // Attempts already under way finish (each is bounded by its
-        // provider's timeout) and are recorded; claims not started yet
-        // keep their lease and are released at the next start.
-        while claimed.join_next().await.is_some() {}
-        while handed.join_next().await.is_some() {}
+        // Attempts already queued or under way finish (each is bounded by
+        // its provider's timeout, and one whose claim ran short is left for
+        // the next claim) and are recorded; claims not yet made keep waiting
+        // in the outbox.
+        self.lanes.clear();
+        while workers.join_next().await.is_some() {}
     }
 
-    fn spawn_handed(
-        &self,
-        tasks: &mut JoinSet<()>,
-        rows: Vec<Claimed>,
-        results: &mpsc::Sender<AttemptRecord>,
-    ) {
-        let now = self.clock.now();
-        for row in rows {
-            let room = RoomGuard(self.handed.room.clone());
-            let attempt = self.attempt(row, now, results.clone());
-            tasks.spawn(async move {
-                attempt.await;
-                drop(room);
-            });
-        }
-    }
-
-    /// One attempt of one claimed row, as a task.
-    fn attempt(
-        &self,
+    /// Queues one attempt of a claimed or handed row on its provider's lane,
+    /// starting a worker when none is idle and the lane has room for one.
+    fn enqueue(
+        &mut self,
         claimed: Claimed,
         now: DateTime<Utc>,
-        results: mpsc::Sender<AttemptRecord>,
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
+        room: Room,
+        workers: &mut JoinSet<()>,
+        context: &WorkerContext,
+    ) {
         let plan = claimed.plan.clone().at(now);
-        let provider_id = plan.provider().to_owned();
-        let provider = self.providers.get(&provider_id).cloned();
-        let lane = self
-            .lanes
-            .get(&(provider_id.clone(), Lane::of(claimed.alarm.priority)))
-            .cloned();
-        let clock = self.clock.clone();
-        let metrics = self.metrics.clone();
-        async move {
-            let _permit = match &lane {
-                Some(lane) => lane.clone().acquire_owned().await.ok(),
-                None => None,
-            };
-            let started_at = clock.now();
-            // An attempt must end while the claim holds, or another claim
-            // could deliver the alarm at the same time. A row that waited
-            // too long for its slot is left to be claimed again.
-            let limit = provider.as_ref().map_or(Duration::ZERO, |p| p.timeout());
-            if add(started_at, limit) >= claimed.lease_until {
-                Metrics::inc(&metrics.claims_lapsed);
-                tracing::debug!(
-                    alarm_id = %claimed.alarm.id,
-                    provider = %provider_id,
-                    "claim ran short while waiting for a delivery slot; the row will be claimed again"
-                );
-                return;
-            }
-            let delivery = Delivery {
-                contract_id: claimed.contract_id.clone(),
-                attempt: plan.attempts.saturating_add(1),
-                fallback: plan.is_fallback(),
-                alarm: claimed.alarm,
-            };
-            let result = match &provider {
-                Some(p) => p.deliver(&delivery, started_at).await,
-                None => Err(DeliveryError::UnknownProvider(provider_id.clone())),
-            };
-            let finished_at = clock.now();
-            let (outcome, detail) = match &result {
-                Ok(receipt) => (AttemptOutcome::Accepted, format!("HTTP {}", receipt.status)),
-                Err(e) => (e.outcome(), e.to_string()),
-            };
-            let decision = plan.next(outcome, finished_at, rand::random());
-            events::DeliveryAttempted {
-                alarm: &delivery.alarm,
-                provider: &provider_id,
-                attempt: delivery.attempt,
-                fallback: delivery.fallback,
-                detail: &detail,
-                decision: &decision,
-                before: &plan,
-            }
-            .emit(&metrics);
-            let record = AttemptRecord {
-                alarm_id: delivery.alarm.id,
-                provider: provider_id,
-                started_at,
-                finished_at,
-                detail,
-                decision,
-            };
-            if results.send(record).await.is_err() {
-                tracing::error!(
-                    "delivery recorder stopped; the claim will be retried after its lease"
-                );
-            }
+        let lane = Lane::of(claimed.alarm.priority);
+        let job = Job {
+            claimed,
+            plan,
+            _room: room,
+        };
+        let Some(queue) = self.lanes.get_mut(&(job.plan.provider().to_owned(), lane)) else {
+            // Configured once, since removed: the attempt fails at once.
+            workers.spawn(attempt(None, None, job, context.clone()));
+            return;
+        };
+        if queue.tx.send(job).is_err() {
+            // Cannot happen while the dispatcher holds the receiver too.
+            return;
         }
+        if queue.tx.len() > queue.idle.load(Ordering::Acquire)
+            && queue.workers < self.config.max_in_flight.max(1)
+        {
+            queue.workers += 1;
+            workers.spawn(work(
+                queue.provider.clone(),
+                queue.rx.clone(),
+                queue.idle.clone(),
+                context.clone(),
+            ));
+        }
+    }
+}
+
+/// How long a worker keeps its connection open without a delivery.
+const LINK_IDLE: Duration = Duration::from_secs(60);
+
+/// A lane's worker: takes the lane's attempts one at a time and makes each on
+/// its own connection to the provider, until the lane's queue is closed and
+/// empty.
+async fn work(
+    provider: Arc<Provider>,
+    jobs: flume::Receiver<Job>,
+    idle: Arc<AtomicUsize>,
+    context: WorkerContext,
+) {
+    let mut link = provider.link();
+    loop {
+        idle.fetch_add(1, Ordering::AcqRel);
+        let job = match tokio::time::timeout(LINK_IDLE, jobs.recv_async()).await {
+            Ok(job) => job,
+            Err(_) => {
+                // Idle for a while: close the connection, then wait on.
+                link = provider.link();
+                jobs.recv_async().await
+            }
+        };
+        idle.fetch_sub(1, Ordering::AcqRel);
+        let Ok(job) = job else { break };
+        attempt(Some(&provider), Some(&mut link), job, context.clone()).await;
+    }
+}
+
+/// One attempt of one claimed row; `None` for a provider no longer
+/// configured.
+async fn attempt(
+    provider: Option<&Provider>,
+    link: Option<&mut Link>,
+    job: Job,
+    context: WorkerContext,
+) {
+    let Job {
+        claimed,
+        plan,
+        _room,
+    } = job;
+    let WorkerContext {
+        clock,
+        metrics,
+        results,
+    } = context;
+    let provider_id = plan.provider().to_owned();
+    let started_at = clock.now();
+    // An attempt must end while the claim holds, or another claim could
+    // deliver the alarm at the same time. A row that waited too long for a
+    // worker is left to be claimed again.
+    let limit = provider.map_or(Duration::ZERO, Provider::timeout);
+    if add(started_at, limit) >= claimed.lease_until {
+        Metrics::inc(&metrics.claims_lapsed);
+        tracing::debug!(
+            alarm_id = %claimed.alarm.id,
+            provider = %provider_id,
+            "claim ran short while waiting for a delivery slot; the row will be claimed again"
+        );
+        return;
+    }
+    let delivery = Delivery {
+        contract_id: claimed.contract_id,
+        attempt: plan.attempts.saturating_add(1),
+        fallback: plan.is_fallback(),
+        alarm: claimed.alarm,
+    };
+    let result = match (provider, link) {
+        (Some(p), Some(link)) => p.deliver(link, &delivery, started_at).await,
+        _ => Err(DeliveryError::UnknownProvider(provider_id.clone())),
+    };
+    let finished_at = clock.now();
+    let (outcome, detail) = match &result {
+        Ok(receipt) => (AttemptOutcome::Accepted, format!("HTTP {}", receipt.status)),
+        Err(e) => (e.outcome(), e.to_string()),
+    };
+    let decision = plan.next(outcome, finished_at, rand::random());
+    events::DeliveryAttempted {
+        alarm: &delivery.alarm,
+        provider: &provider_id,
+        attempt: delivery.attempt,
+        fallback: delivery.fallback,
+        detail: &detail,
+        decision: &decision,
+        before: &plan,
+    }
+    .emit(&metrics);
+    let record = AttemptRecord {
+        alarm_id: delivery.alarm.id,
+        provider: provider_id,
+        started_at,
+        finished_at,
+        detail,
+        decision,
+    };
+    if results.send(record).await.is_err() {
+        tracing::error!("delivery recorder stopped; the claim will be retried after its lease");
     }
 }
 
