@@ -19,6 +19,9 @@
 //! - `cpu_pct` (0–200 on 2 cores) and `rss_mb` (peak resident memory) are the gateway process's, the embedded
 //!   broker included when it is the broker.
 //!
+//! Before it, on stderr, `load-cpu:` gives the CPU a delivered alarm cost the gateway, the bench (fleet and ARC
+//! simulator) and an outside broker on this machine, and the rate the cores would carry at that cost.
+//!
 //! `serial` runs 8 `telecare-line` ports at 115,200 baud at full line rate instead of MQTT and prints
 //! `ports=8 baud=115200` in place of the broker fields.
 
@@ -164,21 +167,7 @@ impl Gateway {
 
     /// CPU seconds used so far (user + system).
     fn cpu_s(&self) -> f64 {
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        // Fields after the command name (which may hold spaces) start at ") ".
-        let fields: Vec<&str> = stat
-            .rsplit_once(") ")
-            .map(|(_, rest)| rest.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        // utime and stime are fields 14 and 15 of the whole line.
-        (ticks(11) + ticks(12)) / clock_ticks()
+        process_cpu_s(&self.child.id().to_string()).unwrap_or(0.0)
     }
 
     /// Peak resident memory in MB.
@@ -205,6 +194,113 @@ impl Gateway {
         if keep {
             println!("load: kept {}", self.dir.keep().display());
         }
+    }
+}
+
+/// CPU seconds (user + system) that process `pid` (a number, or `self`)
+/// has used so far; `None` when it cannot be read.
+fn process_cpu_s(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces) start at ") ".
+    let (_, rest) = stat.rsplit_once(") ")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    // utime and stime are fields 14 and 15 of the whole line.
+    Some((ticks(11)? + ticks(12)?) / clock_ticks())
+}
+
+/// The process listening on TCP `port` of this machine (the outside broker),
+/// found through `/proc/net/tcp*` and the processes' open sockets; `None`
+/// when it is not visible, e.g. another user's process without the rights.
+fn listener_pid(port: u16) -> Option<String> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            // local_address is HEXIP:HEXPORT, st 0A is LISTEN, inode is field 10.
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"0A") {
+                inodes.extend(f.get(9).map(|i| format!("socket:[{i}]")));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid = entry.file_name().into_string().ok()?;
+            pid.parse::<u32>().ok()?;
+            let open = std::fs::read_dir(entry.path().join("fd")).ok()?;
+            open.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+                .then_some(pid)
+        })
+}
+
+/// CPU seconds of the three programs that share the machine in a run.
+#[derive(Debug, Clone, Copy)]
+struct CpuSample {
+    gateway: f64,
+    bench: Option<f64>,
+    /// An outside broker's; `None` for the embedded one (in the gateway's).
+    broker: Option<f64>,
+}
+
+impl CpuSample {
+    fn take(gateway: &Gateway, broker_pid: Option<&str>) -> CpuSample {
+        CpuSample {
+            gateway: gateway.cpu_s(),
+            bench: process_cpu_s("self"),
+            broker: broker_pid.and_then(process_cpu_s),
+        }
+    }
+}
+
+/// Microseconds of CPU a delivered alarm cost each program, and the rate the
+/// machine's cores would carry at that cost.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuPerAlarm {
+    gateway_us: f64,
+    bench_us: f64,
+    broker_us: Option<f64>,
+}
+
+impl CpuPerAlarm {
+    fn between(before: CpuSample, after: CpuSample, delivered: u64) -> CpuPerAlarm {
+        let per = |s: f64| s * 1e6 / delivered.max(1) as f64;
+        CpuPerAlarm {
+            gateway_us: per(after.gateway - before.gateway),
+            bench_us: per(after.bench.unwrap_or(0.0) - before.bench.unwrap_or(0.0)),
+            broker_us: before.broker.zip(after.broker).map(|(b, a)| per(a - b)),
+        }
+    }
+
+    /// The line that puts a run against the machine's cores.
+    fn line(&self, broker: &Broker) -> String {
+        let total = self.gateway_us + self.bench_us + self.broker_us.unwrap_or(0.0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let broker_us = match (broker.embedded, self.broker_us) {
+            (true, _) => "in-gateway".to_owned(),
+            (false, Some(us)) => format!("{us:.1}"),
+            (false, None) => "unknown".to_owned(),
+        };
+        format!(
+            "load-cpu: per delivered alarm gateway_us={:.1} bench_us={:.1} broker_us={broker_us} \
+             total_us={total:.1}; {cores} cores carry about {:.0}/s at that cost",
+            self.gateway_us,
+            self.bench_us,
+            cores as f64 * 1e6 / total.max(1e-3),
+        )
     }
 }
 
@@ -235,6 +331,8 @@ struct Measured {
     crit_p99_ms: f64,
     cpu_pct: f64,
     rss_mb: f64,
+    /// Each program's CPU per delivered alarm (MQTT scenarios).
+    cpu_per_alarm: CpuPerAlarm,
 }
 
 /// One alarm as the load generator saw it.
@@ -463,7 +561,18 @@ async fn run_mqtt_load(
     for (i, (label, rate, mix)) in fleets.iter().enumerate() {
         started.push(start_fleet(broker, label, *rate, *mix, seed + i as u64).await?);
     }
+    // An outside broker's CPU is read when it runs on this machine.
+    let local = matches!(
+        broker.host.as_str(),
+        "127.0.0.1" | "localhost" | "::1" | "[::1]"
+    );
+    let broker_pid = if broker.embedded || !local {
+        None
+    } else {
+        listener_pid(broker.port)
+    };
     let cpu0 = gateway.cpu_s();
+    let before = CpuSample::take(gateway, broker_pid.as_deref());
     let t0 = Instant::now();
     tokio::time::sleep(duration).await;
     for fleet in &started {
@@ -478,9 +587,12 @@ async fn run_mqtt_load(
     let sent: Vec<Sent> = started.iter().flat_map(fleet_sent).collect();
     wait_delivered(arc, &sent, deadline).await;
     let cpu = (gateway.cpu_s() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let after = CpuSample::take(gateway, broker_pid.as_deref());
     let offered = fleets.iter().map(|f| f.1).sum();
     let mut m = measure(&sent, arc, offered);
     m.cpu_pct = cpu;
+    m.cpu_per_alarm = CpuPerAlarm::between(before, after, m.delivered);
+    eprintln!("{}", m.cpu_per_alarm.line(broker));
     m.rss_mb = gateway.peak_rss_mb();
     for fleet in started {
         fleet.shutdown().await;
