@@ -641,3 +641,120 @@ async fn the_arc_simulator_reports_answered_and_resolved_through_the_api() {
     assert!(answered.at >= accepted.at);
     h.stop().await;
 }
+
+/// What [`slow_provider`] saw: deliveries at once, per lane, and in order.
+#[derive(Default)]
+struct SlowSeen {
+    connections: std::sync::atomic::AtomicUsize,
+    /// Deliveries under way now and at most, life (critical and urgent)
+    /// and technical (technical and routine).
+    now: [std::sync::atomic::AtomicUsize; 2],
+    most: [std::sync::atomic::AtomicUsize; 2],
+    /// Each delivery's priority, in the order they arrived.
+    order: std::sync::Mutex<Vec<u64>>,
+}
+
+/// A provider that takes `hold` to answer each delivery with 200.
+async fn slow_provider(hold: Duration) -> (String, std::sync::Arc<SlowSeen>) {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::Ordering::SeqCst;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/alarms", listener.local_addr().unwrap());
+    let seen = std::sync::Arc::new(SlowSeen::default());
+    let server = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            server.connections.fetch_add(1, SeqCst);
+            let seen = server.clone();
+            let answer =
+                hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let delivery: Value = serde_json::from_slice(&body).unwrap_or_default();
+                        let priority = delivery["priority"].as_u64().unwrap_or(0);
+                        let lane = usize::from(priority > 2);
+                        seen.order.lock().unwrap().push(priority);
+                        let now = seen.now[lane].fetch_add(1, SeqCst) + 1;
+                        seen.most[lane].fetch_max(now, SeqCst);
+                        tokio::time::sleep(hold).await;
+                        seen.now[lane].fetch_sub(1, SeqCst);
+                        Ok::<_, hyper::Error>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"{}"),
+                        )))
+                    }
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(socket), answer),
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_lane_keeps_to_max_in_flight_and_a_flood_of_technical_alarms_does_not_hold_up_a_panic()
+{
+    use std::sync::atomic::Ordering::SeqCst;
+    let (url, seen) = slow_provider(Duration::from_millis(100)).await;
+    let tenant = unique("t");
+    let delivery = format!(
+        "[[provider]]\nid = \"slow\"\nurl = \"{url}\"\nsecret = \"s\"\ntoken = \"t\"\n\n\
+         [routing]\ndefault_provider = \"slow\"\n"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = telegate::broker::free_port().unwrap();
+    let toml = common::config_with(
+        &BrokerChoice::Embedded,
+        port,
+        &unique("tg-"),
+        &dir.path().join("telegate.db"),
+        &delivery,
+    )
+    .replace(
+        "[deliver]\npoll_ms = 20\n",
+        "[deliver]\npoll_ms = 20\nmax_in_flight = 2\n",
+    );
+    let config = telegate::config::Config::from_toml_str(&toml, "lanes.toml", &|_| None).unwrap();
+    assert_eq!(config.deliver.max_in_flight, 2);
+    let gateway = telegate::app::start(config, telegate::clock::system())
+        .await
+        .unwrap();
+    assert!(gateway.wait_ready(WAIT).await);
+    let mut dev = common::Device::connect("127.0.0.1", port, &tenant, "hub-7").await;
+    // Twelve technical alarms take at least 600 ms through two slots of
+    // 100 ms each. Once the first two are at the provider, a panic must not
+    // wait for the other ten.
+    for seq in 1..=12 {
+        dev.send_raw(json!({"seq": seq, "event": "mains_fail"}).to_string())
+            .await;
+    }
+    common::wait_until("two technical alarms at the provider", || {
+        seen.order.lock().unwrap().len() >= 2
+    })
+    .await;
+    dev.send(json!({"seq": 13, "event": "panic"})).await;
+    common::wait_until("all thirteen delivered", || {
+        seen.order.lock().unwrap().len() == 13
+    })
+    .await;
+    let order = seen.order.lock().unwrap().clone();
+    let panic_at = order
+        .iter()
+        .position(|&p| p == 1)
+        .expect("the panic arrived");
+    assert!(
+        panic_at <= 4,
+        "the panic waited behind technical alarms: {order:?}"
+    );
+    assert_eq!(seen.most[1].load(SeqCst), 2, "technical deliveries at once");
+    assert_eq!(seen.most[0].load(SeqCst), 1, "life deliveries at once");
+    // A connection per worker: two for the technical lane, one for life.
+    assert!(
+        seen.connections.load(SeqCst) <= 3,
+        "{} connections",
+        seen.connections.load(SeqCst)
+    );
+    assert!(gateway.shutdown(Duration::from_secs(10)).await);
+}
