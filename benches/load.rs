@@ -574,7 +574,6 @@ async fn run_mqtt_load(
     } else {
         listener_pid(broker.port)
     };
-    let cpu0 = gateway.cpu_s();
     let before = CpuSample::take(gateway, broker_pid.as_deref());
     let t0 = Instant::now();
     tokio::time::sleep(duration).await;
@@ -589,8 +588,8 @@ async fn run_mqtt_load(
     }
     let sent: Vec<Sent> = started.iter().flat_map(fleet_sent).collect();
     wait_delivered(arc, &sent, deadline).await;
-    let cpu = (gateway.cpu_s() - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
     let after = CpuSample::take(gateway, broker_pid.as_deref());
+    let cpu = (after.gateway - before.gateway) / t0.elapsed().as_secs_f64() * 100.0;
     let offered = fleets.iter().map(|f| f.1).sum();
     let mut m = measure(&sent, arc, offered);
     m.cpu_pct = cpu;

@@ -546,6 +546,15 @@ mod tests {
         .unwrap()
     }
 
+    /// Delivers alarm `n` on `link`; the status of the provider's acceptance.
+    async fn status(provider: &HttpProvider, link: &mut Link, n: u128) -> u16 {
+        provider
+            .deliver(link, &numbered(n), Utc::now())
+            .await
+            .unwrap()
+            .status
+    }
+
     fn numbered(n: u128) -> Delivery {
         let mut d = delivery(AlarmDetails::default(), Some("c-1"));
         d.alarm.id = AlarmId(uuid::Uuid::from_u128(
@@ -650,14 +659,7 @@ mod tests {
         let (url, seen) = counting_server("arc%40user:pa%3Ass@", true).await;
         let provider = provider_at(&url, Duration::from_secs(5));
         let mut link = Link::default();
-        assert_eq!(
-            provider
-                .deliver(&mut link, &numbered(1), Utc::now())
-                .await
-                .unwrap()
-                .status,
-            200
-        );
+        assert_eq!(status(&provider, &mut link, 1).await, 200);
         let heads = seen.heads.lock().unwrap().clone();
         assert_eq!(heads.len(), 1);
         // base64("arc@user:pa:ss"), lower-cased by the server.
@@ -680,10 +682,7 @@ mod tests {
         );
         let (bare, seen) = counting_server("", true).await;
         let provider = provider_at(&bare, Duration::from_secs(5));
-        provider
-            .deliver(&mut Link::default(), &numbered(2), Utc::now())
-            .await
-            .unwrap();
+        status(&provider, &mut Link::default(), 2).await;
         assert!(!seen.heads.lock().unwrap()[0].contains("authorization"));
     }
 
@@ -693,11 +692,7 @@ mod tests {
         let provider = provider_at(&url, Duration::from_secs(5));
         let mut link = Link::default();
         for n in 0..20 {
-            let receipt = provider
-                .deliver(&mut link, &numbered(n), Utc::now())
-                .await
-                .unwrap();
-            assert_eq!(receipt.status, 200);
+            assert_eq!(status(&provider, &mut link, n).await, 200);
         }
         assert_eq!(
             seen.connections.load(std::sync::atomic::Ordering::SeqCst),
@@ -712,11 +707,7 @@ mod tests {
         let provider = provider_at(&url, Duration::from_secs(5));
         let mut link = Link::default();
         for n in 0..3 {
-            let receipt = provider
-                .deliver(&mut link, &numbered(n), Utc::now())
-                .await
-                .unwrap();
-            assert_eq!(receipt.status, 200);
+            assert_eq!(status(&provider, &mut link, n).await, 200);
             // The server said `Connection: close`; the link notices.
             let closed = async {
                 while link.is_open() {
@@ -752,11 +743,7 @@ mod tests {
         // The cut-off request's connection is given up; the next delivery
         // on the same link goes out on a new one.
         arc.set_response_delay(Duration::ZERO);
-        let receipt = provider
-            .deliver(&mut link, &numbered(2), Utc::now())
-            .await
-            .unwrap();
-        assert_eq!(receipt.status, 200);
+        assert_eq!(status(&provider, &mut link, 2).await, 200);
         arc.shutdown().await;
     }
 

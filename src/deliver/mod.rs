@@ -283,13 +283,14 @@ pub struct AttemptRecord {
     pub decision: Decision,
 }
 
-/// The priority lanes of a provider.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// The priority lanes of a provider, in the order of a provider's
+/// [`LaneQueue`]s.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Lane {
     /// Critical and urgent alarms.
-    Life,
+    Life = 0,
     /// Technical and routine signals.
-    Technical,
+    Technical = 1,
 }
 
 impl Lane {
@@ -384,8 +385,8 @@ struct WorkerContext {
 /// Claims due outbox rows and delivers them.
 pub struct Dispatcher {
     store: Store,
-    /// The queues of each provider's lanes.
-    lanes: HashMap<(String, Lane), LaneQueue>,
+    /// Each provider's lane queues, indexed by [`Lane`].
+    lanes: HashMap<String, [LaneQueue; 2]>,
     config: DeliverConfig,
     clock: SharedClock,
     metrics: Arc<Metrics>,
@@ -416,19 +417,17 @@ impl Dispatcher {
                 }
             };
             let provider = Arc::new(provider);
-            for lane in [Lane::Life, Lane::Technical] {
+            let queue = || {
                 let (tx, rx) = flume::unbounded();
-                lanes.insert(
-                    (p.id.clone(), lane),
-                    LaneQueue {
-                        provider: provider.clone(),
-                        tx,
-                        rx,
-                        idle: Arc::new(AtomicUsize::new(0)),
-                        workers: 0,
-                    },
-                );
-            }
+                LaneQueue {
+                    provider: provider.clone(),
+                    tx,
+                    rx,
+                    idle: Arc::new(AtomicUsize::new(0)),
+                    workers: 0,
+                }
+            };
+            lanes.insert(p.id.clone(), [queue(), queue()]);
         }
         Ok(Dispatcher {
             store,
@@ -567,11 +566,13 @@ impl Dispatcher {
             plan,
             _room: room,
         };
-        let Some(queue) = self.lanes.get_mut(&(job.plan.provider().to_owned(), lane)) else {
+        let Some(queues) = self.lanes.get_mut(job.plan.provider()) else {
             // Configured once, since removed: the attempt fails at once.
-            workers.spawn(attempt(None, None, job, context.clone()));
+            let context = context.clone();
+            workers.spawn(async move { attempt(None, job, &context).await });
             return;
         };
+        let queue = &mut queues[lane as usize];
         if queue.tx.send(job).is_err() {
             // Cannot happen while the dispatcher holds the receiver too.
             return;
@@ -615,18 +616,13 @@ async fn work(
         };
         idle.fetch_sub(1, Ordering::AcqRel);
         let Ok(job) = job else { break };
-        attempt(Some(&provider), Some(&mut link), job, context.clone()).await;
+        attempt(Some((&provider, &mut link)), job, &context).await;
     }
 }
 
-/// One attempt of one claimed row; `None` for a provider no longer
-/// configured.
-async fn attempt(
-    provider: Option<&Provider>,
-    link: Option<&mut Link>,
-    job: Job,
-    context: WorkerContext,
-) {
+/// One attempt of one claimed row, on a worker's link to its provider;
+/// `None` for a provider no longer configured.
+async fn attempt(target: Option<(&Provider, &mut Link)>, job: Job, context: &WorkerContext) {
     let Job {
         claimed,
         plan,
@@ -642,7 +638,7 @@ async fn attempt(
     // An attempt must end while the claim holds, or another claim could
     // deliver the alarm at the same time. A row that waited too long for a
     // worker is left to be claimed again.
-    let limit = provider.map_or(Duration::ZERO, Provider::timeout);
+    let limit = target.as_ref().map_or(Duration::ZERO, |(p, _)| p.timeout());
     if add(started_at, limit) >= claimed.lease_until {
         Metrics::inc(&metrics.claims_lapsed);
         tracing::debug!(
@@ -658,9 +654,9 @@ async fn attempt(
         fallback: plan.is_fallback(),
         alarm: claimed.alarm,
     };
-    let result = match (provider, link) {
-        (Some(p), Some(link)) => p.deliver(link, &delivery, started_at).await,
-        _ => Err(DeliveryError::UnknownProvider(provider_id.clone())),
+    let result = match target {
+        Some((p, link)) => p.deliver(link, &delivery, started_at).await,
+        None => Err(DeliveryError::UnknownProvider(provider_id.clone())),
     };
     let finished_at = clock.now();
     let (outcome, detail) = match &result {
@@ -677,7 +673,7 @@ async fn attempt(
         decision: &decision,
         before: &plan,
     }
-    .emit(&metrics);
+    .emit(metrics);
     let record = AttemptRecord {
         alarm_id: delivery.alarm.id,
         provider: provider_id,
