@@ -50,8 +50,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Row};
 
 use super::rows::{
-    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
-    OUTBOX_FIELDS,
+    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id,
+    update_outbox_from_v, ALARM_SELECT, OUTBOX_FIELDS,
 };
 use super::{
     AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
@@ -516,21 +516,14 @@ impl PgStore {
         .bind(&stages.detail)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "UPDATE outbox SET state = v.state, \
-             position = COALESCE(v.position, outbox.position), \
-             rejected = COALESCE(v.rejected, outbox.rejected), \
-             exhausted = COALESCE(v.exhausted, outbox.exhausted), \
-             attempts = COALESCE(v.attempts, outbox.attempts + 1), \
-             provider_attempts = COALESCE(v.provider_attempts, outbox.provider_attempts), \
-             due_at = v.due_at, accepted_at = v.accepted_at, accepted_by = v.accepted_by, \
-             lease_owner = NULL, lease_until = NULL \
-             FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::bool[], \
+        sqlx::query(concat!(
+            update_outbox_from_v!(),
+            "FROM UNNEST($1::text[], $2::text[], $3::int8[], $4::text[], $5::bool[], \
                  $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::text[]) \
              AS v(alarm_id, state, position, rejected, exhausted, attempts, \
                  provider_attempts, due_at, accepted_at, accepted_by) \
              WHERE outbox.alarm_id = v.alarm_id",
-        )
+        ))
         .bind(&outbox.alarm_id)
         .bind(&outbox.state)
         .bind(&outbox.position)

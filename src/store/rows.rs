@@ -12,6 +12,22 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+/// What an attempt's outcome `v` sets on its outbox row, claims released:
+/// the `UPDATE outbox` both stores make from a batch of outcomes.
+macro_rules! update_outbox_from_v {
+    () => {
+        "UPDATE outbox SET state = v.state, \
+         position = COALESCE(v.position, outbox.position), \
+         rejected = COALESCE(v.rejected, outbox.rejected), \
+         exhausted = COALESCE(v.exhausted, outbox.exhausted), \
+         attempts = COALESCE(v.attempts, outbox.attempts + 1), \
+         provider_attempts = COALESCE(v.provider_attempts, outbox.provider_attempts), \
+         due_at = v.due_at, accepted_at = v.accepted_at, accepted_by = v.accepted_by, \
+         lease_owner = NULL, lease_until = NULL "
+    };
+}
+pub(super) use update_outbox_from_v;
+
 use super::{OutboxRow, StoreError};
 use crate::deliver::plan::Plan;
 use crate::deliver::Claimed;

@@ -7,21 +7,25 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use sqlx::query_builder::Separated;
+use sqlx::error::BoxDynError;
+use sqlx::query::Query;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteArguments, SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{Connection, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
+use sqlx::{
+    Arguments, Connection, Encode, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool, Type,
+};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use super::recent::{Entry, RecentKeys};
 use super::rows::{
-    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id, ALARM_SELECT,
-    OUTBOX_FIELDS,
+    alarm_from_row, join_claims, json_list, millis, outbox_from_row, parse_id,
+    update_outbox_from_v, ALARM_SELECT, OUTBOX_FIELDS,
 };
 use super::{
     AlarmOutcome, Batch, OutboxRow, ProgressReport, ProgressResult, ProgressState, QuarantineEntry,
@@ -40,30 +44,153 @@ const STAGE_COLUMNS: usize = 5;
 const OUTCOME_COLUMNS: usize = 10;
 
 /// Rows per multi-row statement for a table of `columns`: a power of two, so
-/// that [`padded`] never goes past [`MAX_PARAMS`].
+/// that padding a statement's rows ([`MultiRow`]) never goes past
+/// [`MAX_PARAMS`].
 const fn rows_per_statement(columns: usize) -> usize {
     1 << (MAX_PARAMS / columns).ilog2()
 }
 
-/// The rows of one multi-row statement, padded with `None` up to the next
-/// power of two; bind each `None` as a row of NULLs with [`nulls`].
+/// One kind of multi-row statement: `head`, then `VALUES (?, …), …`, then
+/// `tail`, its rows padded with NULL rows up to the next power of two.
 ///
 /// SQLite compiles each statement text, and sqlx keeps compiled statements by
 /// their text. With a row count that follows the batch, nearly every write
 /// was compiled afresh, which took a fifth of the writer thread's time. With
-/// padding a table has a dozen texts at most, each compiled once. The NULL
-/// rows are filtered out (`WHERE column1 IS NOT NULL`) or match nothing.
-fn padded<T>(rows: &[T]) -> impl Iterator<Item = Option<&T>> {
-    let pad = rows.len().next_power_of_two() - rows.len();
-    rows.iter().map(Some).chain(std::iter::repeat_n(None, pad))
+/// padding a table has a dozen texts at most, each compiled once; the NULL
+/// rows are filtered out (`WHERE column1 IS NOT NULL`) or match nothing. Each
+/// text is also built once and kept: writing it out again for every batch,
+/// placeholder by placeholder (sqlx's `QueryBuilder`), took about a seventh
+/// of the store's instructions.
+struct MultiRow {
+    head: &'static str,
+    tail: &'static str,
+    columns: usize,
+    /// The text for 2^i rows at index i.
+    texts: [OnceLock<String>; 16],
 }
 
-/// Binds `columns` NULLs: a padding row of [`padded`].
-fn nulls<Sep: std::fmt::Display>(row: &mut Separated<'_, '_, Sqlite, Sep>, columns: usize) {
-    for _ in 0..columns {
-        row.push_bind(None::<i64>);
+impl MultiRow {
+    const fn new(head: &'static str, columns: usize, tail: &'static str) -> MultiRow {
+        MultiRow {
+            head,
+            tail,
+            columns,
+            texts: [const { OnceLock::new() }; 16],
+        }
+    }
+
+    /// The text for `rows` rows, a power of two.
+    fn text(&self, rows: usize) -> Option<&str> {
+        let cell = self.texts.get(rows.trailing_zeros() as usize)?;
+        Some(cell.get_or_init(|| {
+            let row = format!("({})", vec!["?"; self.columns].join(", "));
+            let mut text = String::with_capacity(
+                self.head.len() + 7 + rows * (row.len() + 2) + self.tail.len(),
+            );
+            text.push_str(self.head);
+            text.push_str("VALUES ");
+            for i in 0..rows {
+                if i > 0 {
+                    text.push_str(", ");
+                }
+                text.push_str(&row);
+            }
+            text.push_str(self.tail);
+            text
+        }))
+    }
+
+    /// Arguments for `rows` rows of this statement.
+    fn rows<'q>(&'static self, rows: usize) -> Rows<'q> {
+        let mut args = SqliteArguments::default();
+        args.reserve(rows.next_power_of_two() * self.columns, 0);
+        Rows {
+            statement: self,
+            rows,
+            bound: 0,
+            args,
+            error: None,
+        }
     }
 }
+
+/// The arguments of one [`MultiRow`] statement, bound row after row, column
+/// after column.
+struct Rows<'q> {
+    statement: &'static MultiRow,
+    rows: usize,
+    bound: usize,
+    args: SqliteArguments<'q>,
+    error: Option<BoxDynError>,
+}
+
+impl<'q> Rows<'q> {
+    fn bind<T: 'q + Encode<'q, Sqlite> + Type<Sqlite>>(&mut self, value: T) -> &mut Self {
+        if let Err(e) = self.args.add(value) {
+            self.error.get_or_insert(e);
+        }
+        self.bound += 1;
+        self
+    }
+
+    /// The statement with its rows, padded with NULL rows.
+    fn query(mut self) -> Result<Query<'q, Sqlite, SqliteArguments<'q>>, StoreError> {
+        let MultiRow { head, columns, .. } = *self.statement;
+        if self.bound != self.rows * columns {
+            return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                "{} values bound for {} rows of {columns} columns ({head}…)",
+                self.bound, self.rows
+            ))));
+        }
+        let padded = self.rows.next_power_of_two();
+        for _ in self.bound..padded * columns {
+            self.bind(None::<i64>);
+        }
+        let text = self.statement.text(padded).ok_or_else(|| {
+            StoreError::Database(sqlx::Error::Protocol(format!(
+                "{padded} rows in one statement ({head}…)"
+            )))
+        })?;
+        match self.error {
+            Some(e) => Err(StoreError::Database(sqlx::Error::Encode(e))),
+            None => Ok(sqlx::query_with(text, self.args)),
+        }
+    }
+}
+
+static INSERT_ALARMS: MultiRow = MultiRow::new(
+    "INSERT INTO alarms (id, tenant, device_id, account, seq, class, priority, \
+     restore, zone, sensor, battery_pct, rssi, lat, lon, text, raised_at, \
+     received_at, stored_at, source_kind, source_id, source_code, raw, dedupe_key) \
+     SELECT * FROM (",
+    ALARM_COLUMNS,
+    ") WHERE column1 IS NOT NULL RETURNING rowid, dedupe_key, received_at",
+);
+
+static INSERT_OUTBOX: MultiRow = MultiRow::new(
+    "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
+     failover_after_ms, stored_at, routed_at, due_at, lease_owner, lease_until) \
+     SELECT * FROM (",
+    OUTBOX_COLUMNS,
+    ") WHERE column1 IS NOT NULL",
+);
+
+static INSERT_STAGES: MultiRow = MultiRow::new(
+    "INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) SELECT * FROM (",
+    STAGE_COLUMNS,
+    ") WHERE column1 IS NOT NULL",
+);
+
+static UPDATE_OUTCOMES: MultiRow = MultiRow::new(
+    "WITH v(alarm_id, state, position, rejected, exhausted, attempts, \
+     provider_attempts, due_at, accepted_at, accepted_by) AS (",
+    OUTCOME_COLUMNS,
+    concat!(
+        ") ",
+        update_outbox_from_v!(),
+        "FROM v WHERE outbox.alarm_id = v.alarm_id"
+    ),
+);
 
 /// An SQLite database: a pool of connections for reading, and one
 /// connection that every write of this process goes through.
@@ -262,73 +389,56 @@ impl SqliteStore {
         let stored_ms = to_millis(stored_at);
         let mut inserted = Vec::with_capacity(fresh.len());
         for chunk in fresh.chunks(rows_per_statement(ALARM_COLUMNS)) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO alarms (id, tenant, device_id, account, seq, class, priority, \
-                 restore, zone, sensor, battery_pct, rssi, lat, lon, text, raised_at, \
-                 received_at, stored_at, source_kind, source_id, source_code, raw, dedupe_key) \
-                 SELECT * FROM (",
-            );
-            q.push_values(padded(chunk), |mut row, item| {
-                let Some((id, b)) = item else {
-                    return nulls(&mut row, ALARM_COLUMNS);
-                };
+            let mut row = INSERT_ALARMS.rows(chunk.len());
+            for (id, b) in chunk {
                 let a = &b.alarm;
                 let d = &a.details;
-                row.push_bind(id.as_str())
-                    .push_bind(a.tenant.as_str())
-                    .push_bind(a.device_id.as_str())
-                    .push_bind(a.account.as_deref())
-                    .push_bind(a.seq.map(|s| s as i64))
-                    .push_bind(a.class.name())
-                    .push_bind(i64::from(a.priority().number()))
-                    .push_bind(a.restore)
-                    .push_bind(d.zone.map(i64::from))
-                    .push_bind(d.sensor.as_deref())
-                    .push_bind(d.battery_pct.map(i64::from))
-                    .push_bind(d.rssi.map(i64::from))
-                    .push_bind(d.lat)
-                    .push_bind(d.lon)
-                    .push_bind(d.text.as_deref())
-                    .push_bind(a.raised_at.map(to_millis))
-                    .push_bind(to_millis(a.received_at))
-                    .push_bind(stored_ms)
-                    .push_bind(a.source.kind.name())
-                    .push_bind(a.source.id.as_str())
-                    .push_bind(a.source.code.as_str())
-                    .push_bind(a.raw.as_slice())
-                    .push_bind(a.dedupe_key.as_str());
-            });
-            q.push(") WHERE column1 IS NOT NULL RETURNING rowid, dedupe_key, received_at");
-            for row in q.build().fetch_all(&mut *tx).await? {
+                row.bind(id.as_str())
+                    .bind(a.tenant.as_str())
+                    .bind(a.device_id.as_str())
+                    .bind(a.account.as_deref())
+                    .bind(a.seq.map(|s| s as i64))
+                    .bind(a.class.name())
+                    .bind(i64::from(a.priority().number()))
+                    .bind(a.restore)
+                    .bind(d.zone.map(i64::from))
+                    .bind(d.sensor.as_deref())
+                    .bind(d.battery_pct.map(i64::from))
+                    .bind(d.rssi.map(i64::from))
+                    .bind(d.lat)
+                    .bind(d.lon)
+                    .bind(d.text.as_deref())
+                    .bind(a.raised_at.map(to_millis))
+                    .bind(to_millis(a.received_at))
+                    .bind(stored_ms)
+                    .bind(a.source.kind.name())
+                    .bind(a.source.id.as_str())
+                    .bind(a.source.code.as_str())
+                    .bind(a.raw.as_slice())
+                    .bind(a.dedupe_key.as_str());
+            }
+            for row in row.query()?.fetch_all(&mut *tx).await? {
                 inserted.extend(key_entry(&row)?);
             }
         }
         for chunk in fresh.chunks(rows_per_statement(OUTBOX_COLUMNS)) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
-                 failover_after_ms, stored_at, routed_at, due_at, lease_owner, lease_until) \
-                 SELECT * FROM (",
-            );
-            q.push_values(padded(chunk), |mut row, item| {
-                let Some((id, b)) = item else {
-                    return nulls(&mut row, OUTBOX_COLUMNS);
-                };
+            let mut row = INSERT_OUTBOX.rows(chunk.len());
+            for (id, b) in chunk {
                 let chain = serde_json::to_string(&b.route.chain).unwrap_or_else(|_| "[]".into());
                 let (lease_owner, lease_until) = batch.lease_of(b);
-                row.push_bind(id.as_str())
-                    .push_bind(i64::from(b.alarm.priority().number()))
-                    .push_bind("pending")
-                    .push_bind(b.route.contract_id.as_deref())
-                    .push_bind(chain)
-                    .push_bind(millis(b.route.failover_after))
-                    .push_bind(stored_ms)
-                    .push_bind(stored_ms)
-                    .push_bind(stored_ms)
-                    .push_bind(lease_owner)
-                    .push_bind(lease_until);
-            });
-            q.push(") WHERE column1 IS NOT NULL");
-            q.build().execute(&mut *tx).await?;
+                row.bind(id.as_str())
+                    .bind(i64::from(b.alarm.priority().number()))
+                    .bind("pending")
+                    .bind(b.route.contract_id.as_deref())
+                    .bind(chain)
+                    .bind(millis(b.route.failover_after))
+                    .bind(stored_ms)
+                    .bind(stored_ms)
+                    .bind(stored_ms)
+                    .bind(lease_owner)
+                    .bind(lease_until);
+            }
+            row.query()?.execute(&mut *tx).await?;
         }
         for chunk in batch.quarantine.chunks(MAX_PARAMS / QUARANTINE_COLUMNS) {
             let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
@@ -596,32 +706,20 @@ impl SqliteStore {
             }
         }
         for chunk in stages.chunks(rows_per_statement(STAGE_COLUMNS)) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) SELECT * FROM (",
-            );
-            q.push_values(padded(chunk), |mut row, item| {
-                let Some((id, stage, at, provider, detail)) = item else {
-                    return nulls(&mut row, STAGE_COLUMNS);
-                };
-                row.push_bind(id.as_str())
-                    .push_bind(*stage)
-                    .push_bind(*at)
-                    .push_bind(*provider)
-                    .push_bind(*detail);
-            });
-            q.push(") WHERE column1 IS NOT NULL");
-            q.build().execute(&mut *tx).await?;
+            let mut row = INSERT_STAGES.rows(chunk.len());
+            for (id, stage, at, provider, detail) in chunk {
+                row.bind(id.as_str())
+                    .bind(*stage)
+                    .bind(*at)
+                    .bind(*provider)
+                    .bind(*detail);
+            }
+            row.query()?.execute(&mut *tx).await?;
         }
         // Outbox rows: the new state, claims released.
         for chunk in records.chunks(rows_per_statement(OUTCOME_COLUMNS)) {
-            let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "WITH v(alarm_id, state, position, rejected, exhausted, attempts, \
-                 provider_attempts, due_at, accepted_at, accepted_by) AS (",
-            );
-            q.push_values(padded(chunk), |mut row, r| {
-                let Some(r) = r else {
-                    return nulls(&mut row, OUTCOME_COLUMNS);
-                };
+            let mut row = UPDATE_OUTCOMES.rows(chunk.len());
+            for r in chunk {
                 let (state, plan, due, accepted_at, accepted_by) = match &r.decision {
                     Decision::Delivered => (
                         "delivered",
@@ -637,31 +735,20 @@ impl SqliteStore {
                         ("dead_letter", Some(plan), r.finished_at, None, None)
                     }
                 };
-                row.push_bind(r.alarm_id.to_string())
-                    .push_bind(state)
-                    .push_bind(plan.map(|p| i64::try_from(p.position).unwrap_or(0)))
-                    .push_bind(plan.map(|p| {
+                row.bind(r.alarm_id.to_string())
+                    .bind(state)
+                    .bind(plan.map(|p| i64::try_from(p.position).unwrap_or(0)))
+                    .bind(plan.map(|p| {
                         serde_json::to_string(&p.rejected).unwrap_or_else(|_| "[]".into())
                     }))
-                    .push_bind(plan.map(|p| p.exhausted))
-                    .push_bind(plan.map(|p| i64::from(p.attempts)))
-                    .push_bind(plan.map(|p| i64::from(p.provider_attempts)))
-                    .push_bind(to_millis(due))
-                    .push_bind(accepted_at)
-                    .push_bind(accepted_by);
-            });
-            q.push(
-                ") UPDATE outbox SET state = v.state, \
-                 position = COALESCE(v.position, outbox.position), \
-                 rejected = COALESCE(v.rejected, outbox.rejected), \
-                 exhausted = COALESCE(v.exhausted, outbox.exhausted), \
-                 attempts = COALESCE(v.attempts, outbox.attempts + 1), \
-                 provider_attempts = COALESCE(v.provider_attempts, outbox.provider_attempts), \
-                 due_at = v.due_at, accepted_at = v.accepted_at, accepted_by = v.accepted_by, \
-                 lease_owner = NULL, lease_until = NULL \
-                 FROM v WHERE outbox.alarm_id = v.alarm_id",
-            );
-            q.build().execute(&mut *tx).await?;
+                    .bind(plan.map(|p| p.exhausted))
+                    .bind(plan.map(|p| i64::from(p.attempts)))
+                    .bind(plan.map(|p| i64::from(p.provider_attempts)))
+                    .bind(to_millis(due))
+                    .bind(accepted_at)
+                    .bind(accepted_by);
+            }
+            row.query()?.execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -861,14 +948,33 @@ mod tests {
     }
 
     #[test]
-    fn padding_rounds_up_to_a_power_of_two_and_keeps_the_rows_in_order() {
+    fn a_statement_is_padded_to_a_power_of_two_rows_with_its_text_built_once() {
+        use sqlx::Execute;
+        static PAIRS: MultiRow = MultiRow::new(
+            "INSERT INTO t (a, b) SELECT * FROM (",
+            2,
+            ") WHERE column1 IS NOT NULL",
+        );
         for n in 1..=70_usize {
-            let rows: Vec<usize> = (0..n).collect();
-            let out: Vec<Option<&usize>> = padded(&rows).collect();
-            assert_eq!(out.len(), n.next_power_of_two());
-            let kept: Vec<usize> = out.iter().map_while(|r| r.copied()).collect();
-            assert_eq!(kept, rows);
-            assert!(out[n..].iter().all(Option::is_none));
+            let mut rows = PAIRS.rows(n);
+            for i in 0..n {
+                rows.bind(i64::try_from(i).unwrap()).bind("x");
+            }
+            let query = rows.query().unwrap();
+            let text = query.sql();
+            let padded = n.next_power_of_two();
+            assert_eq!(text.matches("(?, ?)").count(), padded, "{n} rows");
+            assert!(text.starts_with("INSERT INTO t (a, b) SELECT * FROM (VALUES (?, ?)"));
+            assert!(text.ends_with("(?, ?)) WHERE column1 IS NOT NULL"));
+            assert!(std::ptr::eq(text, PAIRS.text(padded).unwrap()));
         }
+    }
+
+    #[test]
+    fn a_row_bound_short_is_an_error_not_a_statement() {
+        static PAIRS: MultiRow = MultiRow::new("INSERT INTO t (a, b) ", 2, "");
+        let mut rows = PAIRS.rows(2);
+        rows.bind(1_i64).bind("x").bind(2_i64);
+        assert!(rows.query().is_err());
     }
 }
