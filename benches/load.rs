@@ -47,12 +47,24 @@ const RAW_RUNS: usize = 3;
 /// How long the bench waits for stragglers after the offered load stops.
 const DRAIN: Duration = Duration::from_secs(30);
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Scenario {
+    /// A fixed rate (--rate, default 1,000/s) with 1 % critical alarms for --duration-s (default 30).
+    Steady,
+    /// Steps of --step alarms/s (default 2,000) until one loses an alarm or its p99 passes 1 s.
+    Max,
+    /// 20,000 technical alarms in 2 s and 100 critical ones spread through them.
+    Storm,
+    /// 8 telecare-line serial ports at 115,200 baud, at full line rate.
+    Serial,
+}
+
 #[derive(Parser, Debug)]
 #[command(about = "End-to-end load bench of the whole gateway")]
 struct Args {
-    /// steady, max, storm or serial.
-    #[arg(long, default_value = "steady")]
-    scenario: String,
+    /// The load to offer.
+    #[arg(long, value_enum, default_value = "steady")]
+    scenario: Scenario,
     /// A PostgreSQL server (postgres://user@host/db); the gateway stores in a fresh database on it.
     #[arg(long)]
     store_url: Option<String>,
@@ -115,7 +127,12 @@ impl Gateway {
         let dir = tempfile::tempdir()?;
         let (store_url, database) = match &args.store_url {
             Some(server) => {
-                let db = PgDatabase::create(server).await?;
+                let db = PgDatabase::create(server).await.map_err(|e| {
+                    format!(
+                        "cannot make a database on --store-url {}: {e}",
+                        redacted(server)
+                    )
+                })?;
                 (db.url.clone(), Some(db))
             }
             None => (
@@ -490,6 +507,39 @@ async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
     got as f64 / elapsed.max(1e-3)
 }
 
+/// `url` without its password, for messages.
+fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(not a URL)".to_owned(),
+    }
+}
+
+/// An outside broker from `--broker-url`, checked to answer before anything
+/// starts.
+async fn outside_broker(url: &str) -> Result<Broker, Box<dyn std::error::Error>> {
+    let parsed =
+        url::Url::parse(url).map_err(|e| format!("--broker-url {url:?} is not a URL: {e}"))?;
+    if parsed.scheme() != "mqtt" {
+        return Err(format!("--broker-url {url:?}: give mqtt://host[:port]").into());
+    }
+    let broker = Broker {
+        embedded: false,
+        host: parsed.host_str().unwrap_or("127.0.0.1").to_owned(),
+        port: parsed.port().unwrap_or(1883),
+    };
+    let connect = tokio::net::TcpStream::connect((broker.host.as_str(), broker.port));
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok(_)) => Ok(broker),
+        Ok(Err(e)) => Err(format!("cannot reach the broker at {url}: {e}").into()),
+        Err(_) => Err(format!("cannot reach the broker at {url}: no answer within 5 s").into()),
+    }
+}
+
 /// The `[[mqtt]]` entry for the broker, with the gateway's client id.
 fn mqtt_source(broker: &Broker, client_id: &str) -> String {
     let scheme = if broker.embedded { "embedded" } else { "mqtt" };
@@ -642,14 +692,7 @@ fn payload_size(seed: u64) -> usize {
 
 async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let broker = match &args.broker_url {
-        Some(url) => {
-            let url = url::Url::parse(url)?;
-            Broker {
-                embedded: false,
-                host: url.host_str().unwrap_or("127.0.0.1").to_owned(),
-                port: url.port().unwrap_or(1883),
-            }
-        }
+        Some(url) => outside_broker(url).await?,
         None => Broker {
             embedded: true,
             host: "127.0.0.1".to_owned(),
@@ -681,8 +724,8 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
     };
     // Errors end the scenario, not the clean-up below.
     let result: Result<(), Box<dyn std::error::Error>> = async {
-        match args.scenario.as_str() {
-            "steady" => {
+        match args.scenario {
+            Scenario::Steady => {
                 let rate = args.rate.unwrap_or(1000.0);
                 let secs = args.duration_s.unwrap_or(30);
                 let m = run_mqtt_load(
@@ -697,7 +740,7 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
                 print_line("steady", args, &broker, raw().await, &m);
                 Ok(())
             }
-            "storm" => {
+            Scenario::Storm => {
                 // 20,000 technical alarms in 2 s, and 100 critical ones spread through them.
                 let m = run_mqtt_load(
                     &gateway,
@@ -714,7 +757,7 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
                 print_line("storm", args, &broker, raw().await, &m);
                 Ok(())
             }
-            "max" => {
+            Scenario::Max => {
                 let secs = args.duration_s.unwrap_or(15);
                 let mut held: Option<Measured> = None;
                 let mut rate = args.step;
@@ -749,7 +792,7 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
                     None => Err("not even the first step held".into()),
                 }
             }
-            other => Err(format!("unknown scenario {other:?} (steady, max, storm or serial)").into()),
+            Scenario::Serial => Err("the serial scenario uses no broker".into()),
         }
     }
     .await;
@@ -851,7 +894,7 @@ fn main() -> std::process::ExitCode {
         }
     };
     let result = runtime.block_on(async {
-        if args.scenario == "serial" {
+        if args.scenario == Scenario::Serial {
             run_serial_scenario(&args).await
         } else {
             run_mqtt_scenario(&args).await
