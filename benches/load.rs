@@ -288,7 +288,7 @@ impl CpuSample {
 
 /// Microseconds of CPU a delivered alarm cost each program, and the rate the
 /// machine's cores would carry at that cost.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 struct CpuPerAlarm {
     gateway_us: f64,
     bench_us: f64,
@@ -351,8 +351,6 @@ struct Measured {
     crit_p99_ms: f64,
     cpu_pct: f64,
     rss_mb: f64,
-    /// Each program's CPU per delivered alarm (MQTT scenarios).
-    cpu_per_alarm: CpuPerAlarm,
 }
 
 /// One alarm as the load generator saw it.
@@ -643,8 +641,10 @@ async fn run_mqtt_load(
     let offered = fleets.iter().map(|f| f.1).sum();
     let mut m = measure(&sent, arc, offered);
     m.cpu_pct = cpu;
-    m.cpu_per_alarm = CpuPerAlarm::between(before, after, m.delivered);
-    eprintln!("{}", m.cpu_per_alarm.line(broker));
+    eprintln!(
+        "{}",
+        CpuPerAlarm::between(before, after, m.delivered).line(broker)
+    );
     m.rss_mb = gateway.peak_rss_mb();
     for fleet in started {
         fleet.shutdown().await;
@@ -707,10 +707,11 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
     // counts in neither the gateway's CPU share nor its peak memory.
     // Three times, for the median: one measurement of about a second moved by
     // a third between runs on this shared machine.
+    let payload = payload_size(args.seed);
     let raw = || async {
         let mut rates = Vec::new();
         for _ in 0..RAW_RUNS {
-            rates.push(raw_broker_rate(&broker, payload_size(args.seed), 50_000).await);
+            rates.push(raw_broker_rate(&broker, payload, 50_000).await);
         }
         rates.sort_by(f64::total_cmp);
         let median = rates[rates.len() / 2];
