@@ -690,6 +690,11 @@ async fn attempts_move_rows_to_delivered_retry_or_dead_letter_with_their_stages(
             ["received", "stored", "routed", "attempt", "dead_letter"]
         );
         assert_eq!(stages[4].provider, None);
+        assert_eq!(stages[4].at, t(250));
+        assert_eq!(
+            stages[4].detail.as_deref(),
+            Some("every provider rejected the alarm")
+        );
 
         assert_eq!(store.count_delivered().await.unwrap(), 1);
         assert_eq!(store.count_outbox_pending().await.unwrap(), 1);

@@ -39,8 +39,8 @@ use crate::model::{from_millis, to_millis, Alarm, AlarmId, SourceKind};
 const MAX_PARAMS: usize = 32_000;
 const ALARM_COLUMNS: usize = 23;
 const QUARANTINE_COLUMNS: usize = 9;
-const OUTBOX_COLUMNS: usize = 11;
-const STAGE_COLUMNS: usize = 5;
+const OUTBOX_COLUMNS: usize = 8;
+const STAGE_COLUMNS: usize = 6;
 const OUTCOME_COLUMNS: usize = 10;
 
 /// Rows per multi-row statement for a table of `columns`: a power of two, so
@@ -167,18 +167,34 @@ static INSERT_ALARMS: MultiRow = MultiRow::new(
     ") WHERE column1 IS NOT NULL RETURNING rowid, dedupe_key, received_at",
 );
 
+/// A new row is `pending`, and stored, routed and due when its batch is
+/// stored: written into the text instead of bound for every row.
 static INSERT_OUTBOX: MultiRow = MultiRow::new(
     "INSERT INTO outbox (alarm_id, priority, state, contract_id, chain, \
      failover_after_ms, stored_at, routed_at, due_at, lease_owner, lease_until) \
-     SELECT * FROM (",
+     SELECT column1, column2, 'pending', column3, column4, column5, \
+     column6, column6, column6, column7, column8 FROM (",
     OUTBOX_COLUMNS,
     ") WHERE column1 IS NOT NULL",
 );
 
+/// An attempt's stage rows from one row of values: the attempt, then its
+/// acceptance (`outcome` 1) or the alarm's dead letter (`outcome` 2). Each
+/// text bound costs two copies and two frees (sqlx's and SQLite's), so the
+/// id, provider and detail are bound once and the stage names are written
+/// into the text. `NOT MATERIALIZED`: the values are read three times, in
+/// place, not copied into a temporary table first.
 static INSERT_STAGES: MultiRow = MultiRow::new(
-    "INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) SELECT * FROM (",
+    "WITH v(alarm_id, started_at, provider, detail, outcome, finished_at) \
+     AS NOT MATERIALIZED (",
     STAGE_COLUMNS,
-    ") WHERE column1 IS NOT NULL",
+    ") INSERT INTO alarm_stages (alarm_id, stage, at, provider, detail) \
+     SELECT alarm_id, 'attempt', started_at, provider, detail FROM v \
+     WHERE alarm_id IS NOT NULL \
+     UNION ALL SELECT alarm_id, 'accepted', finished_at, provider, detail FROM v \
+     WHERE outcome = 1 \
+     UNION ALL SELECT alarm_id, 'dead_letter', finished_at, NULL, \
+     'every provider rejected the alarm' FROM v WHERE outcome = 2",
 );
 
 static UPDATE_OUTCOMES: MultiRow = MultiRow::new(
@@ -421,19 +437,18 @@ impl SqliteStore {
                 inserted.extend(key_entry(&row)?);
             }
         }
-        for chunk in fresh.chunks(rows_per_statement(OUTBOX_COLUMNS)) {
+        // The last use of the ids: handed over, not copied (sqlx copies a
+        // borrowed text on its way to the database thread).
+        for chunk in fresh.chunks_mut(rows_per_statement(OUTBOX_COLUMNS)) {
             let mut row = INSERT_OUTBOX.rows(chunk.len());
             for (id, b) in chunk {
                 let chain = serde_json::to_string(&b.route.chain).unwrap_or_else(|_| "[]".into());
                 let (lease_owner, lease_until) = batch.lease_of(b);
-                row.bind(id.as_str())
+                row.bind(std::mem::take(id))
                     .bind(i64::from(b.alarm.priority().number()))
-                    .bind("pending")
                     .bind(b.route.contract_id.as_deref())
                     .bind(chain)
                     .bind(millis(b.route.failover_after))
-                    .bind(stored_ms)
-                    .bind(stored_ms)
                     .bind(stored_ms)
                     .bind(lease_owner)
                     .bind(lease_until);
@@ -672,54 +687,33 @@ impl SqliteStore {
         }
         let mut turn = self.write_turn().await;
         let (_, mut tx) = turn.begin().await?;
+        // Each alarm's id is written out once: read by the stage rows, then
+        // handed over to the outbox rows' update.
+        let mut ids: Vec<String> = records.iter().map(|r| r.alarm_id.to_string()).collect();
         // Stage rows: the attempt, then an acceptance or a dead letter.
-        let mut stages: Vec<(String, &'static str, i64, Option<&str>, &str)> = Vec::new();
-        for r in records {
-            let id = r.alarm_id.to_string();
-            stages.push((
-                id.clone(),
-                "attempt",
-                to_millis(r.started_at),
-                Some(r.provider.as_str()),
-                r.detail.as_str(),
-            ));
-            match &r.decision {
-                Decision::Delivered => {
-                    stages.push((
-                        id,
-                        "accepted",
-                        to_millis(r.finished_at),
-                        Some(r.provider.as_str()),
-                        r.detail.as_str(),
-                    ));
-                }
-                Decision::DeadLetter { .. } => {
-                    stages.push((
-                        id,
-                        "dead_letter",
-                        to_millis(r.finished_at),
-                        None,
-                        "every provider rejected the alarm",
-                    ));
-                }
-                Decision::Retry { .. } => {}
-            }
-        }
-        for chunk in stages.chunks(rows_per_statement(STAGE_COLUMNS)) {
+        let per = rows_per_statement(STAGE_COLUMNS);
+        for (chunk, ids) in records.chunks(per).zip(ids.chunks(per)) {
             let mut row = INSERT_STAGES.rows(chunk.len());
-            for (id, stage, at, provider, detail) in chunk {
+            for (r, id) in chunk.iter().zip(ids) {
+                let outcome = match r.decision {
+                    Decision::Delivered => Some(1_i64),
+                    Decision::DeadLetter { .. } => Some(2),
+                    Decision::Retry { .. } => None,
+                };
                 row.bind(id.as_str())
-                    .bind(*stage)
-                    .bind(*at)
-                    .bind(*provider)
-                    .bind(*detail);
+                    .bind(to_millis(r.started_at))
+                    .bind(r.provider.as_str())
+                    .bind(r.detail.as_str())
+                    .bind(outcome)
+                    .bind(to_millis(r.finished_at));
             }
             row.query()?.execute(&mut *tx).await?;
         }
         // Outbox rows: the new state, claims released.
-        for chunk in records.chunks(rows_per_statement(OUTCOME_COLUMNS)) {
+        let per = rows_per_statement(OUTCOME_COLUMNS);
+        for (chunk, ids) in records.chunks(per).zip(ids.chunks_mut(per)) {
             let mut row = UPDATE_OUTCOMES.rows(chunk.len());
-            for r in chunk {
+            for (r, id) in chunk.iter().zip(ids) {
                 let (state, plan, due, accepted_at, accepted_by) = match &r.decision {
                     Decision::Delivered => (
                         "delivered",
@@ -735,7 +729,7 @@ impl SqliteStore {
                         ("dead_letter", Some(plan), r.finished_at, None, None)
                     }
                 };
-                row.bind(r.alarm_id.to_string())
+                row.bind(std::mem::take(id))
                     .bind(state)
                     .bind(plan.map(|p| i64::try_from(p.position).unwrap_or(0)))
                     .bind(plan.map(|p| {
