@@ -20,7 +20,8 @@
 //!   broker included when it is the broker.
 //!
 //! Before it, on stderr, `load-cpu:` gives the CPU a delivered alarm cost the gateway, the bench (fleet and ARC
-//! simulator) and an outside broker on this machine, and the rate the cores would carry at that cost.
+//! simulator) and an outside broker on this machine, and the rate the cores would carry at that cost, and
+//! `load: machine:` what a round trip between two threads costs on it at the start of the run.
 //!
 //! `serial` runs 8 `telecare-line` ports at 115,200 baud at full line rate instead of MQTT and prints
 //! `ports=8 baud=115200` in place of the broker fields.
@@ -676,6 +677,45 @@ fn print_line(scenario: &str, args: &Args, broker: &Broker, raw: f64, m: &Measur
     );
 }
 
+/// Round trips in one round of [`thread_round_trip`], and its rounds.
+const ROUND_TRIPS: u32 = 10_000;
+const ROUND_TRIP_ROUNDS: usize = 3;
+
+/// What a thread switch costs on this machine now, as `perf bench sched pipe`
+/// measures it: two threads passing a byte back and forth over a socket pair,
+/// in µs a round trip (the median of three rounds). Mosquitto's work an alarm
+/// is mostly system calls and switches, the gateway's mostly its own code, so
+/// this moves the raw broker rate, and with it `broker_ratio`, from day to day.
+fn thread_round_trip() -> std::io::Result<f64> {
+    use std::io::{Read, Write};
+    let (mut here, mut there) = std::os::unix::net::UnixStream::pair()?;
+    let rounds = ROUND_TRIP_ROUNDS as u32 * ROUND_TRIPS;
+    // The echo ends at its first error, or when `here` closes.
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut byte = [0u8; 1];
+        for _ in 0..rounds {
+            there.read_exact(&mut byte)?;
+            there.write_all(&byte)?;
+        }
+        Ok(())
+    });
+    let mut byte = [0u8; 1];
+    let mut each = Vec::with_capacity(ROUND_TRIP_ROUNDS);
+    for _ in 0..ROUND_TRIP_ROUNDS {
+        let start = Instant::now();
+        for _ in 0..ROUND_TRIPS {
+            here.write_all(&byte)?;
+            here.read_exact(&mut byte)?;
+        }
+        each.push(start.elapsed().as_secs_f64() * 1e6 / f64::from(ROUND_TRIPS));
+    }
+    drop(here);
+    echo.join()
+        .map_err(|_| std::io::Error::other("the echo thread panicked"))??;
+    each.sort_by(f64::total_cmp);
+    Ok(each[each.len() / 2])
+}
+
 /// A typical fleet payload's size, for the raw broker measurement.
 fn payload_size(seed: u64) -> usize {
     use rand::SeedableRng;
@@ -703,6 +743,14 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
     let client_id = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let gateway = Gateway::start(args, &mqtt_source(&broker, &client_id), &arc).await?;
     eprintln!("load: gateway up (log in {})", gateway.log().display());
+    match tokio::task::spawn_blocking(thread_round_trip).await {
+        Ok(Ok(us)) => eprintln!(
+            "load: machine: {us:.1} µs a round trip between two threads over a socket pair \
+             (median of {ROUND_TRIP_ROUNDS} rounds of {ROUND_TRIPS}); compare runs of different days by it"
+        ),
+        Ok(Err(e)) => eprintln!("load: machine: cannot time a thread round trip: {e}"),
+        Err(e) => eprintln!("load: machine: cannot time a thread round trip: {e}"),
+    }
     // The raw broker rate is measured after the scenario, so that its burst
     // counts in neither the gateway's CPU share nor its peak memory.
     // Three times, for the median: one measurement of about a second moved by
