@@ -743,12 +743,15 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
     let client_id = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let gateway = Gateway::start(args, &mqtt_source(&broker, &client_id), &arc).await?;
     eprintln!("load: gateway up (log in {})", gateway.log().display());
-    match tokio::task::spawn_blocking(thread_round_trip).await {
-        Ok(Ok(us)) => eprintln!(
+    let round_trip = tokio::task::spawn_blocking(thread_round_trip)
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|timed| timed);
+    match round_trip {
+        Ok(us) => eprintln!(
             "load: machine: {us:.1} µs a round trip between two threads over a socket pair \
              (median of {ROUND_TRIP_ROUNDS} rounds of {ROUND_TRIPS}); compare runs of different days by it"
         ),
-        Ok(Err(e)) => eprintln!("load: machine: cannot time a thread round trip: {e}"),
         Err(e) => eprintln!("load: machine: cannot time a thread round trip: {e}"),
     }
     // The raw broker rate is measured after the scenario, so that its burst
