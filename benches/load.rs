@@ -131,7 +131,7 @@ impl Gateway {
                 let db = PgDatabase::create(server).await.map_err(|e| {
                     format!(
                         "cannot make a database on --store-url {}: {e}",
-                        redacted(server)
+                        telegate::config::redact_password(server)
                     )
                 })?;
                 (db.url.clone(), Some(db))
@@ -504,18 +504,6 @@ async fn raw_broker_rate(broker: &Broker, payload: usize, n: usize) -> f64 {
     driver.abort();
     let _ = sub.disconnect().await;
     got as f64 / elapsed.max(1e-3)
-}
-
-/// `url` without its password, for messages.
-fn redacted(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        Err(_) => "(not a URL)".to_owned(),
-    }
 }
 
 /// An outside broker from `--broker-url`, checked to answer before anything

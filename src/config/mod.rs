@@ -699,8 +699,9 @@ fn dedup_in_order(problems: &mut Vec<ConfigProblem>) {
     problems.retain(|problem| seen.insert(problem.clone()));
 }
 
-/// A URL with its password, if any, replaced by `***`.
-fn redact_password(text: &str) -> String {
+/// A URL with its password, if any, replaced by `***`; text that is not a
+/// URL becomes `***` whole, since it may be a password itself.
+pub fn redact_password(text: &str) -> String {
     match url::Url::parse(text) {
         Ok(mut url) => {
             if url.password().is_some() && url.set_password(Some("***")).is_err() {
