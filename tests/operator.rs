@@ -242,4 +242,21 @@ async fn retention_prunes_closed_alarms_only() {
     assert!(store.alarm(ids[0]).await.unwrap().is_none());
     assert!(store.stage_times(ids[0]).await.unwrap().is_empty());
     store.close().await;
+    // The store does not have SQLite enforce the schema's references on
+    // every write; pruning must leave no stage or outbox row without its
+    // alarm all the same.
+    use sqlx::Connection;
+    let mut conn =
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", dir.path().join("r.db").display()))
+            .await
+            .unwrap();
+    let orphans = sqlx::query("PRAGMA foreign_key_check")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        orphans.is_empty(),
+        "{} rows without their alarm",
+        orphans.len()
+    );
 }

@@ -326,6 +326,42 @@ async fn the_same_signal_within_the_window_is_one_alarm_and_outside_it_a_new_one
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_resent_signal_of_a_large_batch_finds_its_own_first_copy() {
+    for choice in stores() {
+        let ts = TestStore::open(&choice).await;
+        let store = &ts.store;
+        // Some alarms first, so that the batch's rows do not start at 1, and
+        // a batch whose size is not a power of two.
+        commit(
+            store,
+            vec![signal("earlier", 1, AlarmClass::Fall, t(0))],
+            t(5),
+        )
+        .await;
+        let signals: Vec<NewAlarm> = (0..37)
+            .map(|i| signal(&format!("d{i}"), i, AlarmClass::Fall, t(1_000 + i as i64)))
+            .collect();
+        let first = commit(store, signals.clone(), t(2_000)).await;
+        // Re-sent in the opposite order, each signal is a duplicate of its
+        // own first copy.
+        let resent: Vec<NewAlarm> = signals.into_iter().rev().collect();
+        let window = chrono::Duration::minutes(10);
+        let outcomes = store
+            .commit_batch(&batch_of(resent), t(3_000), t(3_000) - window)
+            .await
+            .unwrap();
+        let expected: Vec<AlarmOutcome> = first
+            .iter()
+            .rev()
+            .map(|id| AlarmOutcome::Duplicate(*id))
+            .collect();
+        assert_eq!(outcomes, expected, "{}", ts.name);
+        assert_eq!(store.count_alarms().await.unwrap(), 38, "{}", ts.name);
+        ts.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_that_fails_half_way_stores_nothing_and_later_batches_commit() {
     for choice in stores() {
         let ts = TestStore::open(&choice).await;
