@@ -103,7 +103,7 @@ impl MultiRow {
     /// Arguments for `rows` rows of this statement.
     fn rows<'q>(&'static self, rows: usize) -> Rows<'q> {
         let mut args = SqliteArguments::default();
-        args.reserve(rows.next_power_of_two() * self.columns, 0);
+        args.reserve(rows * self.columns, 0);
         Rows {
             statement: self,
             rows,
@@ -133,8 +133,11 @@ impl<'q> Rows<'q> {
         self
     }
 
-    /// The statement with its rows, padded with NULL rows.
-    fn query(mut self) -> Result<Query<'q, Sqlite, SqliteArguments<'q>>, StoreError> {
+    /// The statement with its rows, padded with NULL rows: the padding's
+    /// parameters are left unbound, which SQLite reads as NULL (sqlx clears
+    /// a statement's bindings before it binds, and stops at the last value
+    /// given).
+    fn query(self) -> Result<Query<'q, Sqlite, SqliteArguments<'q>>, StoreError> {
         let MultiRow { head, columns, .. } = *self.statement;
         if self.bound != self.rows * columns {
             return Err(StoreError::Database(sqlx::Error::Protocol(format!(
@@ -143,9 +146,6 @@ impl<'q> Rows<'q> {
             ))));
         }
         let padded = self.rows.next_power_of_two();
-        for _ in self.bound..padded * columns {
-            self.bind(None::<i64>);
-        }
         let text = self.statement.text(padded).ok_or_else(|| {
             StoreError::Database(sqlx::Error::Protocol(format!(
                 "{padded} rows in one statement ({head}…)"
