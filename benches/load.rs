@@ -677,11 +677,11 @@ const ROUND_TRIP_ROUNDS: usize = 3;
 fn thread_round_trip() -> std::io::Result<f64> {
     use std::io::{Read, Write};
     let (mut here, mut there) = std::os::unix::net::UnixStream::pair()?;
-    let rounds = ROUND_TRIP_ROUNDS as u32 * ROUND_TRIPS;
+    let total = ROUND_TRIP_ROUNDS as u32 * ROUND_TRIPS;
     // The echo ends at its first error, or when `here` closes.
     let echo = std::thread::spawn(move || -> std::io::Result<()> {
         let mut byte = [0u8; 1];
-        for _ in 0..rounds {
+        for _ in 0..total {
             there.read_exact(&mut byte)?;
             there.write_all(&byte)?;
         }

@@ -444,20 +444,20 @@ impl SqliteStore {
                     .bind(a.dedupe_key.as_str());
             }
             let done = row.query()?.execute(&mut *tx).await?;
-            let n = i64::try_from(chunk.len()).unwrap_or(i64::MAX);
-            if done.rows_affected() != chunk.len() as u64 {
+            let n = chunk.len() as u64;
+            if done.rows_affected() != n {
                 return Err(StoreError::Corrupt(format!(
                     "{} of {n} alarm rows inserted",
                     done.rows_affected()
                 )));
             }
-            let first = done.last_insert_rowid() - n + 1;
+            let first = done.last_insert_rowid() - n as i64 + 1;
             inserted.extend(chunk.iter().zip(first..).map(|((_, b), rowid)| {
                 let entry = Entry {
                     rowid,
                     received_at: to_millis(b.alarm.received_at),
                 };
-                (b.alarm.dedupe_key.as_str().to_owned(), entry)
+                (b.alarm.dedupe_key.as_str(), entry)
             }));
         }
         // The last use of the ids: handed over, not copied (sqlx copies a
@@ -498,7 +498,7 @@ impl SqliteStore {
         }
         tx.commit().await?;
         for (key, entry) in inserted {
-            recent.insert(&key, entry);
+            recent.insert(key, entry);
         }
         Ok(outcomes)
     }
