@@ -20,8 +20,10 @@
 //!   broker included when it is the broker.
 //!
 //! Before it, on stderr, `load-cpu:` gives the CPU a delivered alarm cost the gateway, the bench (fleet and ARC
-//! simulator) and an outside broker on this machine, and the rate the cores would carry at that cost, and
-//! `load: machine:` what a round trip between two threads costs on it at the start of the run.
+//! simulator) and an outside broker on this machine, and the rate the cores would carry at that cost,
+//! `load-stages:` (one line per fleet) the p50 and p99 of each stage of an alarm's way from the stage times the
+//! gateway stored, and `load: machine:` what a round trip between two threads costs on it at the start of the
+//! run.
 //!
 //! `serial` runs 8 `telecare-line` ports at 115,200 baud at full line rate instead of MQTT and prints
 //! `ports=8 baud=115200` in place of the broker fields.
@@ -29,7 +31,6 @@
 #[path = "support/pg.rs"]
 mod pg;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -191,6 +192,40 @@ impl Gateway {
         process_cpu_s(&self.child.id().to_string()).unwrap_or(0.0)
     }
 
+    /// Where the time of each alarm the ARC accepted went, for the fleet
+    /// `label`, from the stage times the gateway stored: one `load-stages:`
+    /// line. Read once the load has drained, so that the reading does not
+    /// compete with it.
+    async fn stage_line(&self, label: &str) -> Result<String, sqlx::Error> {
+        // The label is the bench's own (letters, digits and '-'); the
+        // fleet's tenants are `{label}-t1` to `{label}-t4`.
+        let sql = format!(
+            "SELECT a.raised_at, a.received_at, a.stored_at, \
+             (SELECT MIN(s.at) FROM alarm_stages s WHERE s.alarm_id = a.id AND s.stage = 'attempt'), \
+             o.accepted_at \
+             FROM alarms a JOIN outbox o ON o.alarm_id = a.id \
+             WHERE o.accepted_at IS NOT NULL AND a.tenant LIKE '{label}-t%'"
+        );
+        let rows: Vec<StageRow> = match &self.database {
+            Some(db) => {
+                let pool = sqlx::PgPool::connect(&db.url).await?;
+                let rows = sqlx::query_as(&sql).fetch_all(&pool).await;
+                pool.close().await;
+                rows?
+            }
+            None => {
+                let options = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(self.dir.path().join("load.db"))
+                    .read_only(true);
+                let pool = sqlx::SqlitePool::connect_with(options).await?;
+                let rows = sqlx::query_as(&sql).fetch_all(&pool).await;
+                pool.close().await;
+                rows?
+            }
+        };
+        Ok(stage_line(label, &rows))
+    }
+
     /// Peak resident memory in MB.
     fn peak_rss_mb(&self) -> f64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
@@ -216,6 +251,47 @@ impl Gateway {
             println!("load: kept {}", self.dir.keep().display());
         }
     }
+}
+
+/// One accepted alarm's stage times in ms: raised (the device's `ts`, when
+/// it first published), received, stored, first delivery attempt, accepted.
+type StageRow = (Option<i64>, i64, i64, Option<i64>, Option<i64>);
+
+/// `load-stages:` the p50 and p99 of each stage an alarm passes, in ms
+/// (the stored times have a resolution of 1 ms): through the broker into
+/// the gateway, into the store (the ingest queue and its group commit), to
+/// a delivery slot, and the provider's exchange until accepted.
+fn stage_line(label: &str, rows: &[StageRow]) -> String {
+    let mut gaps: [Vec<f64>; 4] = Default::default();
+    for &(raised, received, stored, attempt, accepted) in rows {
+        let (Some(raised), Some(attempt), Some(accepted)) = (raised, attempt, accepted) else {
+            continue;
+        };
+        let times = [raised, received, stored, attempt, accepted];
+        for (gap, pair) in gaps.iter_mut().zip(times.windows(2)) {
+            gap.push((pair[1] - pair[0]) as f64);
+        }
+    }
+    let names = [
+        "publish->received",
+        "received->stored",
+        "stored->first attempt",
+        "first attempt->accepted",
+    ];
+    let mut parts = Vec::new();
+    for (name, gap) in names.iter().zip(gaps.iter_mut()) {
+        gap.sort_by(f64::total_cmp);
+        parts.push(format!(
+            "{name} {:.0}/{:.0}",
+            percentile(gap, 50.0),
+            percentile(gap, 99.0)
+        ));
+    }
+    format!(
+        "load-stages: {label} ({} alarms) p50/p99 ms: {}",
+        gaps[0].len(),
+        parts.join(", ")
+    )
 }
 
 /// CPU seconds (user + system) that process `pid` (a number, or `self`)
@@ -372,26 +448,22 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Latencies, losses and throughput from what was sent and what the ARC took.
 fn measure(sent: &[Sent], arc: &ArcSim, offered: f64) -> Measured {
-    let mut accepted: HashMap<String, DateTime<Utc>> = HashMap::new();
-    for a in arc.accepted() {
-        let at = accepted.entry(a.alarm_id.clone()).or_insert(a.received_at);
-        *at = (*at).min(a.received_at);
-    }
+    let acked: Vec<&Sent> = sent.iter().filter(|s| s.alarm_id.is_some()).collect();
+    let accepted = arc.accepted_at(acked.iter().filter_map(|s| s.alarm_id.as_deref()));
     let mut all = Vec::new();
     let mut critical = Vec::new();
     let mut lost = 0;
     let first = sent.iter().map(|s| s.first_sent).min();
     let mut last = first;
-    for s in sent {
-        let Some(id) = &s.alarm_id else { continue };
-        match accepted.get(id) {
+    for (s, accepted) in acked.iter().zip(accepted) {
+        match accepted {
             Some(at) => {
-                let ms = (*at - s.first_sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
+                let ms = (at - s.first_sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 all.push(ms);
                 if s.critical {
                     critical.push(ms);
                 }
-                last = last.max(Some(*at));
+                last = last.max(Some(at));
             }
             None => lost += 1,
         }
@@ -415,6 +487,16 @@ fn measure(sent: &[Sent], arc: &ArcSim, offered: f64) -> Measured {
     }
 }
 
+/// The ARC simulator every delivery goes to. It keeps no records: the bench
+/// needs only each alarm's first acceptance time (`ArcSim::accepted_at`), and
+/// a record of every delivery, body and headers, grew the bench by gigabytes
+/// in a `max` run.
+async fn start_arc() -> std::io::Result<ArcSim> {
+    let mut config = ArcConfig::new("load-secret", "load-token");
+    config.keep_records = false;
+    ArcSim::start(config).await
+}
+
 /// Every alarm a fleet raised.
 fn fleet_sent(fleet: &Fleet) -> Vec<Sent> {
     fleet
@@ -432,10 +514,10 @@ fn fleet_sent(fleet: &Fleet) -> Vec<Sent> {
 /// until `deadline`.
 async fn wait_delivered(arc: &ArcSim, sent: &[Sent], deadline: Instant) {
     loop {
-        let accepted = arc.accepted_ids();
-        let missing = sent
+        let missing = arc
+            .accepted_at(sent.iter().filter_map(|s| s.alarm_id.as_deref()))
             .iter()
-            .filter(|s| s.alarm_id.as_ref().is_some_and(|id| !accepted.contains(id)))
+            .filter(|at| at.is_none())
             .count();
         if missing == 0 || Instant::now() >= deadline {
             return;
@@ -635,6 +717,12 @@ async fn run_mqtt_load(
         CpuPerAlarm::between(before, after, m.delivered).line(broker)
     );
     m.rss_mb = gateway.peak_rss_mb();
+    for (label, _, _) in fleets {
+        match gateway.stage_line(label).await {
+            Ok(line) => eprintln!("{line}"),
+            Err(e) => eprintln!("load-stages: cannot read the gateway's stage times: {e}"),
+        }
+    }
     for fleet in started {
         fleet.shutdown().await;
     }
@@ -727,7 +815,7 @@ async fn run_mqtt_scenario(args: &Args) -> Result<(), Box<dyn std::error::Error>
             port: telegate::broker::free_port()?,
         },
     };
-    let arc = ArcSim::start(ArcConfig::new("load-secret", "load-token")).await?;
+    let arc = start_arc().await?;
     let client_id = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     let gateway = Gateway::start(args, &mqtt_source(&broker, &client_id), &arc).await?;
     eprintln!("load: gateway up (log in {})", gateway.log().display());
@@ -870,7 +958,7 @@ async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Erro
             link.display()
         ));
     }
-    let arc = ArcSim::start(ArcConfig::new("load-secret", "load-token")).await?;
+    let arc = start_arc().await?;
     let gateway = Gateway::start(args, &sources, &arc).await?;
     let secs = args.duration_s.unwrap_or(15);
     let cpu0 = gateway.cpu_s();

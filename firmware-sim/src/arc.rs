@@ -17,7 +17,7 @@ mod delay;
 pub use check::{is_wire_timestamp, sign, verify, MAX_SKEW_S};
 pub use delay::{Delay, DelayParseError, MAX_DELAY};
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
@@ -389,7 +389,8 @@ impl Record {
     }
 }
 
-/// The accepted alarm ids, spread over [`ID_SHARDS`] sets. A hash set grows
+/// The accepted alarm ids with the time each was first accepted, spread
+/// over [`ID_SHARDS`] maps. A hash map grows
 /// by moving every id at once, under the state lock that every delivery
 /// waits for: one set of 917,504 ids took 170–190 ms to grow, long enough to
 /// show in a load bench's p99. Shards of equal shares would all grow within
@@ -397,7 +398,7 @@ impl Record {
 /// `2^(i/64)`, so the shards reach their growth points one at a time, 64 of
 /// them spread evenly over each doubling of the set.
 struct IdSet {
-    shards: Vec<HashSet<String>>,
+    shards: Vec<HashMap<String, DateTime<Utc>>>,
     /// Shard `i` takes the ids whose hash is at most `bounds[i]` (and above
     /// the bound before it).
     bounds: Vec<u64>,
@@ -421,7 +422,7 @@ impl Default for IdSet {
             *last = u64::MAX;
         }
         IdSet {
-            shards: (0..ID_SHARDS).map(|_| HashSet::new()).collect(),
+            shards: (0..ID_SHARDS).map(|_| HashMap::new()).collect(),
             bounds,
         }
     }
@@ -437,17 +438,23 @@ impl IdSet {
     }
 
     fn contains(&self, id: &str) -> bool {
-        self.shards[self.shard(id)].contains(id)
+        self.shards[self.shard(id)].contains_key(id)
     }
 
-    fn insert(&mut self, id: String) {
+    /// When `id` was first accepted.
+    fn accepted_at(&self, id: &str) -> Option<DateTime<Utc>> {
+        self.shards[self.shard(id)].get(id).copied()
+    }
+
+    /// Adds `id`, accepted at `at`; an id already there keeps its first time.
+    fn insert(&mut self, id: String, at: DateTime<Utc>) {
         let shard = self.shard(&id);
-        self.shards[shard].insert(id);
+        self.shards[shard].entry(id).or_insert(at);
     }
 
     fn to_set(&self) -> HashSet<String> {
-        let mut set = HashSet::with_capacity(self.shards.iter().map(HashSet::len).sum());
-        set.extend(self.shards.iter().flatten().cloned());
+        let mut set = HashSet::with_capacity(self.shards.iter().map(HashMap::len).sum());
+        set.extend(self.shards.iter().flat_map(HashMap::keys).cloned());
         set
     }
 }
@@ -705,6 +712,21 @@ impl ArcSim {
         lock(&self.inner.state).accepted_ids.to_set()
     }
 
+    /// When each of `alarm_ids` was first accepted, in their order (`None`
+    /// for one never accepted), read at once. Kept with or without
+    /// [`ArcConfig::keep_records`], at about 100 bytes an accepted alarm: a
+    /// load run that needs each alarm's time to the ARC keeps no records.
+    pub fn accepted_at<'a>(
+        &self,
+        alarm_ids: impl IntoIterator<Item = &'a str>,
+    ) -> Vec<Option<DateTime<Utc>>> {
+        let state = lock(&self.inner.state);
+        alarm_ids
+            .into_iter()
+            .map(|id| state.accepted_ids.accepted_at(id))
+            .collect()
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> ArcStats {
         lock(&self.inner.state).stats
@@ -926,7 +948,7 @@ impl Inner {
                     (answer, resolve)
                 });
                 state.stats.accepted += 1;
-                state.accepted_ids.insert(alarm_id.clone());
+                state.accepted_ids.insert(alarm_id.clone(), now);
                 let (attempt, fallback) = (delivery.attempt, delivery.fallback);
                 if self.keep_records {
                     state
@@ -1098,11 +1120,22 @@ mod tests {
     #[test]
     fn accepted_ids_spread_over_shards_of_growing_shares() {
         let mut ids = IdSet::default();
+        let start = Utc::now();
         for i in 0..64_000 {
-            ids.insert(format!("alarm-{i}"));
+            ids.insert(
+                format!("alarm-{i}"),
+                start + chrono::Duration::milliseconds(i),
+            );
         }
         assert!(ids.contains("alarm-0") && ids.contains("alarm-63999"));
         assert!(!ids.contains("alarm-64000"));
+        // A second acceptance keeps the first time.
+        ids.insert("alarm-7".to_owned(), start + chrono::Duration::seconds(600));
+        assert_eq!(
+            ids.accepted_at("alarm-7"),
+            Some(start + chrono::Duration::milliseconds(7))
+        );
+        assert_eq!(ids.accepted_at("alarm-64000"), None);
         assert_eq!(ids.to_set().len(), 64_000);
         // Shares run from 1 to nearly 2: the last shard holds about twice
         // the first (1,000 × 0.69 and × 1.38 on average).

@@ -561,7 +561,9 @@ async fn without_records_it_still_counts_refuses_repeats_and_reports_progress() 
     config.keep_records = false;
     let sim = start(config).await;
     let client = client();
+    let before = chrono::Utc::now();
     assert_eq!(deliver(&client, &sim, "n-1").await, StatusCode::OK);
+    let between = chrono::Utc::now();
     assert_eq!(deliver(&client, &sim, "n-2").await, StatusCode::OK);
     assert_eq!(deliver(&client, &sim, "n-1").await, StatusCode::CONFLICT);
     assert!(sim.wait_for_accepted(2, WAIT).await);
@@ -569,6 +571,18 @@ async fn without_records_it_still_counts_refuses_repeats_and_reports_progress() 
         sim.accepted_ids(),
         ["n-1", "n-2"].map(str::to_owned).into_iter().collect()
     );
+    // Each alarm's first acceptance time is kept all the same; the repeat
+    // of n-1 does not move it.
+    let [first, second, never] = sim.accepted_at(["n-1", "n-2", "n-3"])[..] else {
+        panic!("one answer per id");
+    };
+    let first = first.expect("n-1 was accepted");
+    assert!(
+        before <= first && first <= between,
+        "n-1 accepted at {first}"
+    );
+    assert!(second.is_some_and(|at| at >= between));
+    assert_eq!(never, None);
     // Two alarms, each answered and resolved.
     for _ in 0..4 {
         next(&mut seen).await;
