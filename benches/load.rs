@@ -192,11 +192,10 @@ impl Gateway {
         process_cpu_s(&self.child.id().to_string()).unwrap_or(0.0)
     }
 
-    /// Where the time of each alarm the ARC accepted went, for the fleet
-    /// `label`, from the stage times the gateway stored: one `load-stages:`
-    /// line. Read once the load has drained, so that the reading does not
-    /// compete with it.
-    async fn stage_line(&self, label: &str) -> Result<String, sqlx::Error> {
+    /// The stage times the gateway stored for each alarm of the fleet
+    /// `label` that a provider accepted. Read once the load has drained, so
+    /// that the reading does not compete with it.
+    async fn stage_rows(&self, label: &str) -> Result<Vec<StageRow>, sqlx::Error> {
         // The label is the bench's own (letters, digits and '-'); the
         // fleet's tenants are `{label}-t1` to `{label}-t4`.
         let sql = format!(
@@ -206,12 +205,12 @@ impl Gateway {
              FROM alarms a JOIN outbox o ON o.alarm_id = a.id \
              WHERE o.accepted_at IS NOT NULL AND a.tenant LIKE '{label}-t%'"
         );
-        let rows: Vec<StageRow> = match &self.database {
+        match &self.database {
             Some(db) => {
                 let pool = sqlx::PgPool::connect(&db.url).await?;
                 let rows = sqlx::query_as(&sql).fetch_all(&pool).await;
                 pool.close().await;
-                rows?
+                rows
             }
             None => {
                 let options = sqlx::sqlite::SqliteConnectOptions::new()
@@ -220,10 +219,9 @@ impl Gateway {
                 let pool = sqlx::SqlitePool::connect_with(options).await?;
                 let rows = sqlx::query_as(&sql).fetch_all(&pool).await;
                 pool.close().await;
-                rows?
+                rows
             }
-        };
-        Ok(stage_line(label, &rows))
+        }
     }
 
     /// Peak resident memory in MB.
@@ -446,17 +444,17 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Latencies, losses and throughput from what was sent and what the ARC took.
-fn measure(sent: &[Sent], arc: &ArcSim, offered: f64) -> Measured {
-    let acked: Vec<&Sent> = sent.iter().filter(|s| s.alarm_id.is_some()).collect();
-    let accepted = arc.accepted_at(acked.iter().filter_map(|s| s.alarm_id.as_deref()));
+/// Latencies, losses and throughput from what was sent and when the ARC
+/// first accepted each acknowledged alarm (from [`wait_delivered`]).
+fn measure(sent: &[Sent], accepted: &[Option<DateTime<Utc>>], offered: f64) -> Measured {
+    let acked = sent.iter().filter(|s| s.alarm_id.is_some());
     let mut all = Vec::new();
     let mut critical = Vec::new();
     let mut lost = 0;
     let first = sent.iter().map(|s| s.first_sent).min();
     let mut last = first;
-    for (s, accepted) in acked.iter().zip(accepted) {
-        match accepted {
+    for (s, accepted) in acked.zip(accepted) {
+        match *accepted {
             Some(at) => {
                 let ms = (at - s.first_sent).num_microseconds().unwrap_or(0) as f64 / 1000.0;
                 all.push(ms);
@@ -511,16 +509,17 @@ fn fleet_sent(fleet: &Fleet) -> Vec<Sent> {
 }
 
 /// Waits until the ARC holds every alarm the gateway acknowledged, at most
-/// until `deadline`.
-async fn wait_delivered(arc: &ArcSim, sent: &[Sent], deadline: Instant) {
+/// until `deadline`, and returns when it first accepted each of them (in the
+/// order of `sent`; `None` for one it never did).
+async fn wait_delivered(
+    arc: &ArcSim,
+    sent: &[Sent],
+    deadline: Instant,
+) -> Vec<Option<DateTime<Utc>>> {
     loop {
-        let missing = arc
-            .accepted_at(sent.iter().filter_map(|s| s.alarm_id.as_deref()))
-            .iter()
-            .filter(|at| at.is_none())
-            .count();
-        if missing == 0 || Instant::now() >= deadline {
-            return;
+        let accepted = arc.accepted_at(sent.iter().filter_map(|s| s.alarm_id.as_deref()));
+        if accepted.iter().all(Option::is_some) || Instant::now() >= deadline {
+            return accepted;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -706,11 +705,11 @@ async fn run_mqtt_load(
             .await;
     }
     let sent: Vec<Sent> = started.iter().flat_map(fleet_sent).collect();
-    wait_delivered(arc, &sent, deadline).await;
+    let accepted = wait_delivered(arc, &sent, deadline).await;
     let after = CpuSample::take(gateway, broker_pid.as_deref());
     let cpu = (after.gateway - before.gateway) / t0.elapsed().as_secs_f64() * 100.0;
     let offered = fleets.iter().map(|f| f.1).sum();
-    let mut m = measure(&sent, arc, offered);
+    let mut m = measure(&sent, &accepted, offered);
     m.cpu_pct = cpu;
     eprintln!(
         "{}",
@@ -718,8 +717,8 @@ async fn run_mqtt_load(
     );
     m.rss_mb = gateway.peak_rss_mb();
     for (label, _, _) in fleets {
-        match gateway.stage_line(label).await {
-            Ok(line) => eprintln!("{line}"),
+        match gateway.stage_rows(label).await {
+            Ok(rows) => eprintln!("{}", stage_line(label, &rows)),
             Err(e) => eprintln!("load-stages: cannot read the gateway's stage times: {e}"),
         }
     }
@@ -985,9 +984,9 @@ async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Erro
             alarm_id: r.alarm_id,
         })
         .collect();
-    wait_delivered(&arc, &sent, deadline).await;
+    let accepted = wait_delivered(&arc, &sent, deadline).await;
     let line_rate = (acked1 - acked0) as f64 / window;
-    let mut m = measure(&sent, &arc, line_rate);
+    let mut m = measure(&sent, &accepted, line_rate);
     m.cpu_pct = cpu;
     m.rss_mb = gateway.peak_rss_mb();
     let store = if args.store_url.is_some() {
