@@ -5,7 +5,11 @@
 //! [`normalise`] turns a payload into a [`NewAlarm`]. Nothing here does I/O
 //! or reads a clock.
 
+use std::fmt;
+
 use chrono::{DateTime, Utc};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::model::{AlarmDetails, AlarmId, DedupeKey, NewAlarm, SourceKind, SourceRef};
@@ -195,51 +199,54 @@ impl Rejection {
 /// fields are not errors: they are dropped and listed in
 /// [`AlarmPayload::dropped`].
 pub fn parse_alarm(payload: &[u8]) -> Result<AlarmPayload, Rejection> {
-    let obj = parse_object(payload)?;
-    let seq = parse_seq(&obj)?;
-    let code = parse_code(&obj, seq)?;
+    alarm_of(&parse_fields(payload)?)
+}
+
+fn alarm_of(obj: &Fields) -> Result<AlarmPayload, Rejection> {
+    let seq = parse_seq(obj)?;
+    let code = parse_code(obj, seq)?;
 
     let mut dropped = Vec::new();
-    let restore = optional(&obj, "restore", &mut dropped, |v| {
+    let restore = optional(obj, "restore", &mut dropped, |v| {
         v.as_bool().ok_or("not a boolean")
     });
-    let ts = optional(&obj, "ts", &mut dropped, |v| {
+    let ts = optional(obj, "ts", &mut dropped, |v| {
         let s = v.as_str().ok_or("not a string")?;
         DateTime::parse_from_rfc3339(s)
             .map(|t| t.with_timezone(&Utc))
             .map_err(|_| "not an RFC 3339 timestamp")
     });
     let details = AlarmDetails {
-        zone: optional(&obj, "zone", &mut dropped, |v| {
+        zone: optional(obj, "zone", &mut dropped, |v| {
             v.as_u64()
                 .and_then(|n| u32::try_from(n).ok())
                 .ok_or("not an integer 0-4294967295")
         }),
-        sensor: optional(&obj, "sensor", &mut dropped, |v| {
+        sensor: optional(obj, "sensor", &mut dropped, |v| {
             bounded_string(v, MAX_SENSOR)
         }),
-        battery_pct: optional(&obj, "battery_pct", &mut dropped, |v| {
+        battery_pct: optional(obj, "battery_pct", &mut dropped, |v| {
             v.as_u64()
                 .filter(|n| *n <= 100)
                 .and_then(|n| u8::try_from(n).ok())
                 .ok_or("not an integer 0-100")
         }),
-        rssi: optional(&obj, "rssi", &mut dropped, |v| {
+        rssi: optional(obj, "rssi", &mut dropped, |v| {
             v.as_i64()
                 .and_then(|n| i32::try_from(n).ok())
                 .ok_or("not an integer")
         }),
-        lat: optional(&obj, "lat", &mut dropped, |v| {
+        lat: optional(obj, "lat", &mut dropped, |v| {
             v.as_f64()
                 .filter(|x| (-90.0..=90.0).contains(x))
                 .ok_or("not a number -90..90")
         }),
-        lon: optional(&obj, "lon", &mut dropped, |v| {
+        lon: optional(obj, "lon", &mut dropped, |v| {
             v.as_f64()
                 .filter(|x| (-180.0..=180.0).contains(x))
                 .ok_or("not a number -180..180")
         }),
-        text: optional(&obj, "text", &mut dropped, |v| bounded_string(v, MAX_TEXT)),
+        text: optional(obj, "text", &mut dropped, |v| bounded_string(v, MAX_TEXT)),
     };
     Ok(AlarmPayload {
         seq,
@@ -249,6 +256,117 @@ pub fn parse_alarm(payload: &[u8]) -> Result<AlarmPayload, Rejection> {
         details,
         dropped,
     })
+}
+
+/// The fields of a payload object that the contract names, each as sent
+/// (`Some(Value::Null)` for an explicit `null`; the last one wins when a name
+/// repeats, as in a [`Map`]). Any other field is skipped without being built:
+/// reading into this instead of a whole `Map<String, Value>` saves a copied
+/// key and a tree node for every field of every alarm.
+#[derive(Debug, Default)]
+struct Fields {
+    values: [Option<Value>; FIELDS.len()],
+}
+
+const FIELDS: [&str; 13] = [
+    "seq",
+    "event",
+    "cid",
+    "sia",
+    "restore",
+    "ts",
+    "zone",
+    "sensor",
+    "battery_pct",
+    "rssi",
+    "lat",
+    "lon",
+    "text",
+];
+
+impl Fields {
+    fn slot(name: &str) -> Option<usize> {
+        FIELDS.iter().position(|f| *f == name)
+    }
+
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.values.get(Fields::slot(name)?)?.as_ref()
+    }
+
+    fn contains_key(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn from_map(map: Map<String, Value>) -> Fields {
+        let mut fields = Fields::default();
+        for (name, value) in map {
+            if let Some(slot) = Fields::slot(&name).and_then(|i| fields.values.get_mut(i)) {
+                *slot = Some(value);
+            }
+        }
+        fields
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Fields, D::Error> {
+        struct Object;
+        impl<'de> Visitor<'de> for Object {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(Name(slot)) = map.next_key()? {
+                    match slot.and_then(|i| fields.values.get_mut(i)) {
+                        Some(value) => *value = Some(map.next_value()?),
+                        None => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        d.deserialize_map(Object)
+    }
+}
+
+/// A field's name, as its place in [`FIELDS`] (`None` for any other name),
+/// read without being copied.
+struct Name(Option<usize>);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Name, D::Error> {
+        struct Text;
+        impl Visitor<'_> for Text {
+            type Value = Name;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a field name")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<Name, E> {
+                Ok(Name(Fields::slot(name)))
+            }
+        }
+        d.deserialize_identifier(Text)
+    }
+}
+
+/// The first layer of every payload, read into its [`Fields`]. A payload
+/// that does not read is read again as a whole value, for the rejection
+/// [`parse_object`] gives it.
+fn parse_fields(payload: &[u8]) -> Result<Fields, Rejection> {
+    if payload.len() <= MAX_PAYLOAD {
+        if let Ok(fields) = serde_json::from_slice(payload) {
+            return Ok(fields);
+        }
+    }
+    parse_object(payload).map(Fields::from_map)
 }
 
 /// The first layer of every payload: at most [`MAX_PAYLOAD`] bytes of JSON
@@ -284,7 +402,7 @@ fn bounded_string(v: &Value, max: usize) -> Result<String, &'static str> {
 /// Reads an optional field; a present field with a bad value is dropped and
 /// recorded. `null` counts as absent.
 fn optional<T>(
-    obj: &Map<String, Value>,
+    obj: &Fields,
     field: &'static str,
     dropped: &mut Vec<DroppedField>,
     parse: impl FnOnce(&Value) -> Result<T, &'static str>,
@@ -301,7 +419,7 @@ fn optional<T>(
     }
 }
 
-fn parse_seq(obj: &Map<String, Value>) -> Result<u64, Rejection> {
+fn parse_seq(obj: &Fields) -> Result<u64, Rejection> {
     match obj.get("seq") {
         None => Err(Rejection::new(
             None,
@@ -324,10 +442,10 @@ fn parse_seq(obj: &Map<String, Value>) -> Result<u64, Rejection> {
     }
 }
 
-fn parse_code(obj: &Map<String, Value>, seq: u64) -> Result<Code, Rejection> {
+fn parse_code(obj: &Fields, seq: u64) -> Result<Code, Rejection> {
     let present: Vec<&str> = ["event", "cid", "sia"]
         .into_iter()
-        .filter(|k| obj.contains_key(*k))
+        .filter(|k| obj.contains_key(k))
         .collect();
     let seq = Some(seq);
     match present.as_slice() {
@@ -387,7 +505,7 @@ pub fn parse_heartbeat(payload: &[u8]) -> Result<Option<u64>, Rejection> {
     if payload.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
-    let obj = parse_object(payload)?;
+    let obj = parse_fields(payload)?;
     if obj.contains_key("seq") {
         parse_seq(&obj).map(Some)
     } else {
@@ -473,6 +591,69 @@ mod tests {
 
     fn reason(payload: &str) -> RejectReason {
         parse_alarm(payload.as_bytes()).unwrap_err().reason
+    }
+
+    /// What `parse_alarm` gave when it read every payload into a whole
+    /// `Map<String, Value>`.
+    fn by_whole_map(payload: &[u8]) -> Result<AlarmPayload, Rejection> {
+        alarm_of(&Fields::from_map(parse_object(payload)?))
+    }
+
+    #[test]
+    fn the_named_fields_read_alone_give_what_the_whole_object_gave() {
+        for payload in [
+            r#"{"seq": 1, "event": "fall"}"#,
+            r#"{"seq": 1, "event": "fall", "seq": 2}"#,
+            r#"{"s\u0065q": 3, "ci\u0064": "1101", "text": "a\"b\\c\u00e9"}"#,
+            r#"{"seq": 1, "cid": null, "event": "fall"}"#,
+            r#"{"seq": 1, "event": "fall", "extra": {"seq": 9, "deep": [1, {"a": null}]}}"#,
+            r#"{"seq": 1, "sia": "BA", "zone": null, "lat": "52", "rssi": 1e400}"#,
+            r#"{"seq": "1", "event": "fall"}"#,
+            r#"{"seq": -1}"#,
+            r#"{}"#,
+            r#"[1, 2]"#,
+            r#"[1,"#,
+            r#"5 x"#,
+            r#"{"seq": 1, "event": "fall"} trailing"#,
+            r#"{"seq": 1, "event": "fall""#,
+            r#"{"seq": 1, "event": "fa\ud800ll"}"#,
+            "",
+            "null",
+        ] {
+            assert_eq!(
+                parse_alarm(payload.as_bytes()),
+                by_whole_map(payload.as_bytes()),
+                "{payload}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn objects_of_named_and_other_fields_read_alike(
+            fields in proptest::collection::vec(
+                (
+                    proptest::sample::select(vec![
+                        "seq", "event", "cid", "sia", "restore", "ts", "zone", "sensor",
+                        "battery_pct", "rssi", "lat", "lon", "text", "s\\u0065q", "other", "",
+                    ]),
+                    proptest::sample::select(vec![
+                        "null", "true", "0", "7", "-3", "4294967296", "1.5", "1e3", "\"fall\"",
+                        "\"1101\"", "\"BA\"", "\"2026-11-22T10:15:30Z\"", "[]", "{\"seq\": 1}",
+                        "\"x\\ny\"",
+                    ]),
+                ),
+                0..10,
+            )
+        ) {
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
+            let payload = format!("{{{}}}", body.join(", "));
+            proptest::prop_assert_eq!(
+                parse_alarm(payload.as_bytes()),
+                by_whole_map(payload.as_bytes()),
+                "{}", payload
+            );
+        }
     }
 
     #[test]
