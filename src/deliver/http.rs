@@ -70,8 +70,8 @@ pub struct HttpProvider {
     host: HeaderValue,
     /// `Basic` credentials from the URL's user information; never logged.
     authorization: Option<HeaderValue>,
-    /// The HMAC key; never logged.
-    secret: Vec<u8>,
+    /// The HMAC key, ready to sign; never logged.
+    key: SigningKey,
     connector: Connector,
     /// The limit of one attempt.
     timeout: Duration,
@@ -128,7 +128,7 @@ impl HttpProvider {
             target,
             host,
             authorization,
-            secret: config.secret.expose().as_bytes().to_vec(),
+            key: SigningKey::new(config.secret.expose().as_bytes()),
             connector,
             timeout: config.timeout,
         })
@@ -154,7 +154,7 @@ impl HttpProvider {
         let timestamp = now.timestamp().to_string();
         let header =
             |v: &str| HeaderValue::from_str(v).map_err(|e| DeliveryError::Request(e.to_string()));
-        let signature = header(&sign(&self.secret, &timestamp, &body))?;
+        let signature = header(&self.key.sign(&timestamp, &body))?;
         let mut request = Request::new(Full::new(Bytes::from(body)));
         *request.method_mut() = Method::POST;
         *request.uri_mut() = self.target.clone();
@@ -199,7 +199,7 @@ impl HttpProvider {
                 Some(sender) if !sender.is_closed() => sender,
                 slot => {
                     reused = false;
-                    slot.insert(self.connect().await?)
+                    slot.insert(Box::pin(self.connect()).await?)
                 }
             };
             let sent = match sender.ready().await {
@@ -355,15 +355,36 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// `v1=` and the lowercase hex HMAC-SHA256 of `timestamp + "." + body`.
 pub fn sign(secret: &[u8], timestamp: &str, body: &[u8]) -> String {
-    // HMAC accepts keys of any length, so this cannot fail.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(secret) {
-        Ok(mac) => mac,
-        Err(_) => unreachable!("HMAC takes keys of any length"),
-    };
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    SigningKey::new(secret).sign(timestamp, body)
+}
+
+/// A provider's HMAC key with its padded blocks already hashed: each
+/// signature starts from a copy instead of hashing the key again.
+#[derive(Clone)]
+struct SigningKey(Hmac<Sha256>);
+
+impl SigningKey {
+    fn new(secret: &[u8]) -> SigningKey {
+        // HMAC accepts keys of any length, so this cannot fail.
+        match Hmac::<Sha256>::new_from_slice(secret) {
+            Ok(mac) => SigningKey(mac),
+            Err(_) => unreachable!("HMAC takes keys of any length"),
+        }
+    }
+
+    fn sign(&self, timestamp: &str, body: &[u8]) -> String {
+        let mut mac = self.0.clone();
+        mac.update(timestamp.as_bytes());
+        mac.update(b".");
+        mac.update(body);
+        format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    }
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SigningKey(..)")
+    }
 }
 
 /// The JSON body of a delivery, written straight from the alarm. Fields are
@@ -544,6 +565,24 @@ mod tests {
             timeout,
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_provider_printed_for_debugging_shows_neither_its_key_nor_its_credentials() {
+        let provider = provider_at(
+            "http://user:pass@127.0.0.1:9/alarms",
+            Duration::from_secs(1),
+        );
+        let printed = format!("{provider:?}");
+        let key_bytes = format!("{:?}", b"arc-secret".to_vec());
+        for secret in [
+            "arc-secret",
+            &key_bytes[1..key_bytes.len() - 1],
+            "pass",
+            "dXNlcjpwYXNz",
+        ] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
     }
 
     /// Delivers alarm `n` on `link`; the status of the provider's acceptance.

@@ -313,9 +313,8 @@ pub struct BuildError {
 
 /// One attempt waiting for a worker of its provider's lane.
 struct Job {
+    /// The row, its plan brought up to the time it was queued.
     claimed: Claimed,
-    /// The row's plan as it stood when it was claimed or handed over.
-    plan: Plan,
     /// Dropped when the attempt ends: gives the row's room back.
     _room: Room,
 }
@@ -559,14 +558,14 @@ impl Dispatcher {
         workers: &mut JoinSet<()>,
         context: &WorkerContext,
     ) {
-        let plan = claimed.plan.clone().at(now);
+        let mut claimed = claimed;
+        claimed.plan = claimed.plan.at(now);
         let lane = Lane::of(claimed.alarm.priority);
         let job = Job {
             claimed,
-            plan,
             _room: room,
         };
-        let Some(queues) = self.lanes.get_mut(job.plan.provider()) else {
+        let Some(queues) = self.lanes.get_mut(job.claimed.plan.provider()) else {
             // Configured once, since removed: the attempt fails at once.
             let context = context.clone();
             workers.spawn(async move { attempt(None, job, &context).await });
@@ -623,11 +622,13 @@ async fn work(
 /// One attempt of one claimed row, on a worker's link to its provider;
 /// `None` for a provider no longer configured.
 async fn attempt(target: Option<(&Provider, &mut Link)>, job: Job, context: &WorkerContext) {
-    let Job {
-        claimed,
+    let Job { claimed, _room } = job;
+    let Claimed {
+        alarm,
+        contract_id,
         plan,
-        _room,
-    } = job;
+        lease_until,
+    } = claimed;
     let WorkerContext {
         clock,
         metrics,
@@ -639,20 +640,20 @@ async fn attempt(target: Option<(&Provider, &mut Link)>, job: Job, context: &Wor
     // deliver the alarm at the same time. A row that waited too long for a
     // worker is left to be claimed again.
     let limit = target.as_ref().map_or(Duration::ZERO, |(p, _)| p.timeout());
-    if add(started_at, limit) >= claimed.lease_until {
+    if add(started_at, limit) >= lease_until {
         Metrics::inc(&metrics.claims_lapsed);
         tracing::debug!(
-            alarm_id = %claimed.alarm.id,
+            alarm_id = %alarm.id,
             provider = %provider_id,
             "claim ran short while waiting for a delivery slot; the row will be claimed again"
         );
         return;
     }
     let delivery = Delivery {
-        contract_id: claimed.contract_id,
+        contract_id,
         attempt: plan.attempts.saturating_add(1),
         fallback: plan.is_fallback(),
-        alarm: claimed.alarm,
+        alarm,
     };
     let result = match target {
         Some((p, link)) => p.deliver(link, &delivery, started_at).await,
