@@ -99,6 +99,7 @@ fn start_ingest(
     let config = IngestConfig {
         batch_max,
         batch_wait: Duration::from_millis(wait_ms),
+        commit_interval: Duration::ZERO,
         dedupe_window: Duration::from_secs(600),
         queue: 10_000,
     };

@@ -189,6 +189,10 @@ pub struct IngestConfig {
     pub batch_max: usize,
     /// How long a batch waits for more signals (`batch_wait_ms`, 0..=1000).
     pub batch_wait: Duration,
+    /// Under load, the least time from the start of one commit to the start
+    /// of the next (`commit_interval_ms`, 0..=1000; 0 commits as soon as the
+    /// last commit ended). See [`crate::ingest`].
+    pub commit_interval: Duration,
     /// How long a re-send is recognised as the same alarm
     /// (`dedupe_window_s`, at least 1).
     pub dedupe_window: Duration,
@@ -202,6 +206,7 @@ impl Default for IngestConfig {
         IngestConfig {
             batch_max: 512,
             batch_wait: Duration::from_millis(2),
+            commit_interval: Duration::from_millis(10),
             dedupe_window: Duration::from_secs(600),
             queue: 10_000,
         }
@@ -750,6 +755,7 @@ mod tests {
             IngestConfig {
                 batch_max: 512,
                 batch_wait: Duration::from_millis(2),
+                commit_interval: Duration::from_millis(10),
                 dedupe_window: Duration::from_secs(600),
                 queue: 10_000,
             }

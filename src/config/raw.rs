@@ -44,6 +44,7 @@ pub(super) struct RawApi {
 pub(super) struct RawIngest {
     pub batch_max: Option<i64>,
     pub batch_wait_ms: Option<i64>,
+    pub commit_interval_ms: Option<i64>,
     pub dedupe_window_s: Option<i64>,
     pub queue: Option<i64>,
 }

@@ -326,6 +326,13 @@ impl<'a> Checker<'a> {
         let raw = raw.unwrap_or_default();
         let batch_max = self.int_in("ingest.batch_max", raw.batch_max, 512, 1, 10_000);
         let batch_wait = self.int_in("ingest.batch_wait_ms", raw.batch_wait_ms, 2, 0, 1000);
+        let commit_interval = self.int_in(
+            "ingest.commit_interval_ms",
+            raw.commit_interval_ms,
+            10,
+            0,
+            1000,
+        );
         let dedupe = self.seconds(
             "ingest.dedupe_window_s",
             raw.dedupe_window_s,
@@ -337,6 +344,7 @@ impl<'a> Checker<'a> {
         Some(IngestConfig {
             batch_max: usize::try_from(batch_max?).ok()?,
             batch_wait: Duration::from_millis(u64::try_from(batch_wait?).ok()?),
+            commit_interval: Duration::from_millis(u64::try_from(commit_interval?).ok()?),
             dedupe_window: dedupe?,
             queue: usize::try_from(queue?).ok()?,
         })
