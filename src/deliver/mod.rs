@@ -552,13 +552,12 @@ impl Dispatcher {
     /// starting a worker when none is idle and the lane has room for one.
     fn enqueue(
         &mut self,
-        claimed: Claimed,
+        mut claimed: Claimed,
         now: DateTime<Utc>,
         room: Room,
         workers: &mut JoinSet<()>,
         context: &WorkerContext,
     ) {
-        let mut claimed = claimed;
         claimed.plan = claimed.plan.at(now);
         let lane = Lane::of(claimed.alarm.priority);
         let job = Job {
