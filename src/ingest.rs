@@ -535,28 +535,15 @@ mod tests {
     /// Enqueues `n` distinct alarms at once and returns the distinct times
     /// they were stored at, in order.
     async fn commit_times(ingest: &Ingest, store: &Store, n: u64) -> Vec<DateTime<Utc>> {
+        use crate::source::mqtt::payload::{normalise, parse_alarm, parse_topic};
+        // Device alarms as the MQTT source makes them.
+        let topic = parse_topic("telecare/tn/d1/alarm").expect("topic");
+        let table = crate::taxonomy::CodeTable::default();
         let mut pending = Vec::new();
         for seq in 0..n {
-            let alarm = crate::model::NewAlarm {
-                dedupe_key: crate::model::DedupeKey::for_device_signal(
-                    "tn", "d1", seq, "fall", false, None,
-                ),
-                tenant: "tn".into(),
-                device_id: "d1".into(),
-                account: None,
-                seq: Some(seq),
-                class: crate::model::AlarmClass::Fall,
-                restore: false,
-                raised_at: None,
-                received_at: Utc::now(),
-                source: crate::model::SourceRef {
-                    kind: crate::model::SourceKind::Mqtt,
-                    id: "devices".into(),
-                    code: "fall".into(),
-                },
-                details: crate::model::AlarmDetails::default(),
-                raw: Vec::new(),
-            };
+            let raw = format!(r#"{{"seq": {seq}, "event": "fall"}}"#).into_bytes();
+            let payload = parse_alarm(&raw).expect("payload");
+            let alarm = normalise(&topic, payload, &table, "devices", Utc::now(), raw);
             pending.push(ingest.enqueue_alarm(alarm).await.expect("queued"));
         }
         let mut times = Vec::new();
