@@ -4,6 +4,7 @@
 //!
 //! ```sh
 //! cargo bench --bench load -- --scenario steady|max|storm|serial [--store-url URL] [--broker-url URL] [--keep]
+//!     [--gateway-config FILE]
 //! ```
 //!
 //! Each scenario ends with one line on stdout:
@@ -89,6 +90,13 @@ struct Args {
     /// look at the stage times of every alarm afterwards.
     #[arg(long)]
     keep: bool,
+    /// A TOML file appended to the gateway's generated configuration: sections the bench does not
+    /// write, such as `[ingest]` or `[deliver]`, to measure other settings than the defaults.
+    #[arg(long, value_name = "FILE")]
+    gateway_config: Option<PathBuf>,
+    /// The text of --gateway-config, read and checked before anything starts.
+    #[arg(skip)]
+    gateway_toml: String,
     /// Passed by `cargo bench`; ignored.
     #[arg(long, hide = true)]
     bench: bool,
@@ -146,9 +154,18 @@ impl Gateway {
         let toml = format!(
             "[store]\nurl = \"{store_url}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n{sources}\n\
              [[provider]]\nid = \"arc\"\nurl = \"{}\"\nsecret = \"load-secret\"\ntoken = \"load-token\"\n\n\
-             [routing]\ndefault_provider = \"arc\"\n",
-            arc.url()
+             [routing]\ndefault_provider = \"arc\"\n\n{}",
+            arc.url(),
+            args.gateway_toml
         );
+        if let Some(extra) = &args.gateway_config {
+            let label = format!("the bench's configuration with {}", extra.display());
+            if let Err(e) = telegate::config::Config::from_toml_str(&toml, &label, &|name| {
+                std::env::var(name).ok()
+            }) {
+                return Err(format!("the gateway would not start:\n{e}").into());
+            }
+        }
         let config = dir.path().join("load.toml");
         std::fs::write(&config, toml)?;
         let log = std::fs::File::create(dir.path().join("gateway.log"))?;
@@ -159,20 +176,34 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;
-        let gateway = Gateway {
+        let mut gateway = Gateway {
             child,
             api: format!("http://127.0.0.1:{api_port}"),
             dir,
             database,
         };
-        gateway.wait_ready().await?;
+        if let Err(e) = gateway.wait_ready().await {
+            let _ = gateway.child.kill();
+            let _ = gateway.child.wait();
+            return Err(e);
+        }
         Ok(gateway)
     }
 
-    async fn wait_ready(&self) -> Result<(), Box<dyn std::error::Error>> {
+    async fn wait_ready(&mut self) -> Result<(), Box<dyn std::error::Error>> {
         let client = reqwest::Client::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(self.log()).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(10).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                return Err(format!(
+                    "the gateway exited as it started ({status}); the end of its log:\n{}",
+                    tail.join("\n")
+                )
+                .into());
+            }
             if let Ok(r) = client.get(format!("{}/readyz", self.api)).send().await {
                 if r.status().is_success() {
                     return Ok(());
@@ -1007,8 +1038,47 @@ async fn run_serial_scenario(args: &Args) -> Result<(), Box<dyn std::error::Erro
     Ok(())
 }
 
+/// Tables the bench writes into the gateway's configuration itself.
+const BENCH_TABLES: [&str; 6] = ["store", "api", "mqtt", "serial", "provider", "routing"];
+
+/// The text of `--gateway-config`: readable TOML that leaves the bench's own
+/// tables alone.
+fn gateway_toml(path: &std::path::Path) -> Result<String, String> {
+    let name = path.display();
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --gateway-config {name}: {e}"))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("--gateway-config {name} is not TOML: {e}"))?;
+    let ours: Vec<String> = table
+        .keys()
+        .filter(|key| BENCH_TABLES.contains(&key.as_str()))
+        .map(|key| format!("[{key}]"))
+        .collect();
+    if !ours.is_empty() {
+        return Err(format!(
+            "--gateway-config {name}: the bench writes {} itself; give other sections, \
+             such as [ingest] or [deliver]",
+            ours.join(", ")
+        ));
+    }
+    Ok(text)
+}
+
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(path) = &args.gateway_config {
+        match gateway_toml(path) {
+            Ok(text) => {
+                eprintln!("load: the gateway's configuration adds {}", path.display());
+                args.gateway_toml = text;
+            }
+            Err(e) => {
+                eprintln!("load: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
