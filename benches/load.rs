@@ -90,7 +90,7 @@ struct Args {
     /// look at the stage times of every alarm afterwards.
     #[arg(long)]
     keep: bool,
-    /// A TOML file appended to the gateway's generated configuration: sections the bench does not
+    /// A TOML file added to the gateway's generated configuration: sections the bench does not
     /// write, such as `[ingest]` or `[deliver]`, to measure other settings than the defaults.
     #[arg(long, value_name = "FILE")]
     gateway_config: Option<PathBuf>,
@@ -151,12 +151,14 @@ impl Gateway {
             ),
         };
         let api_port = telegate::broker::free_port()?;
+        // The added sections go first: a stray top-level key in them is then
+        // reported as such instead of landing in the bench's last table.
         let toml = format!(
-            "[store]\nurl = \"{store_url}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n{sources}\n\
+            "{}\n[store]\nurl = \"{store_url}\"\n\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\n{sources}\n\
              [[provider]]\nid = \"arc\"\nurl = \"{}\"\nsecret = \"load-secret\"\ntoken = \"load-token\"\n\n\
-             [routing]\ndefault_provider = \"arc\"\n\n{}",
+             [routing]\ndefault_provider = \"arc\"\n",
+            args.gateway_toml,
             arc.url(),
-            args.gateway_toml
         );
         if let Some(extra) = &args.gateway_config {
             let label = format!("the bench's configuration with {}", extra.display());
@@ -196,11 +198,10 @@ impl Gateway {
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
                 let log = std::fs::read_to_string(self.log()).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(10).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                let lines: Vec<&str> = log.lines().collect();
                 return Err(format!(
                     "the gateway exited as it started ({status}); the end of its log:\n{}",
-                    tail.join("\n")
+                    lines[lines.len().saturating_sub(10)..].join("\n")
                 )
                 .into());
             }
