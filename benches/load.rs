@@ -165,6 +165,9 @@ impl Gateway {
             if let Err(e) = telegate::config::Config::from_toml_str(&toml, &label, &|name| {
                 std::env::var(name).ok()
             }) {
+                if let Some(db) = database {
+                    db.drop_now().await;
+                }
                 return Err(format!("the gateway would not start:\n{e}").into());
             }
         }
@@ -185,8 +188,7 @@ impl Gateway {
             database,
         };
         if let Err(e) = gateway.wait_ready().await {
-            let _ = gateway.child.kill();
-            let _ = gateway.child.wait();
+            gateway.stop(false).await;
             return Err(e);
         }
         Ok(gateway)
